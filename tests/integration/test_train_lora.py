@@ -1,0 +1,60 @@
+"""A 2-worker Ray Train + DeepSpeed run on a tiny model: checkpoints, resume, MLflow run, merged model."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from ray_ft.config import load_config
+from ray_ft.job import JobError, run_training
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_train_checkpoint_resume_and_mlflow(ray_local, tiny_model_dir, qa_file, tmp_path, mlflow_dir):
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    common = tiny_overrides(tiny_model_dir, qa_file, out, mlflow_dir, **{"train.eval_every": 2})
+    first = run_training(load_config(REPO / "jobs/lora.yaml", [*common, "train.max_steps=2"]))
+    ckpts = sorted((out / "ray" / "run").glob("checkpoint_*"))
+    assert ckpts, "no Ray Train checkpoint written"
+
+    # A second run into the same output_dir must not silently start over.
+    with pytest.raises(JobError, match="--resume"):
+        run_training(load_config(REPO / "jobs/lora.yaml", [*common, "train.max_steps=4"]))
+
+    second = run_training(load_config(REPO / "jobs/lora.yaml", [*common, "train.max_steps=4"]), resume=True)
+    assert second.run_id == first.run_id, "resume must continue the same MLflow run"
+    assert second.metrics["step"] == 4
+
+    client = MlflowClient(second.tracking_uri)
+    run = client.get_run(second.run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(second.run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4], steps  # resumed at step 3, no step logged twice
+    assert {"lr", "grad_norm", "tokens_per_s", "val_loss"} <= set(run.data.metrics)
+    assert run.data.params["method.r"] == "16"
+    artifacts = {a.path for a in client.list_artifacts(second.run_id)}
+    assert {"config.yaml", "trainable", "merged", "eval.json", "loss_curve.png"} <= artifacts
+    versions = client.search_model_versions("name='ray-ft-lora'")
+    assert any(v.run_id == second.run_id for v in versions)
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["metrics"]) == {"base", "tuned"}
+    assert 0.0 <= report["metrics"]["tuned"]["train"]["rouge_l"] <= 1.0
+
+
+@pytest.mark.parametrize("stage", [3])
+def test_zero3_trains_and_merges(ray_local, tiny_model_dir, qa_file, tmp_path, mlflow_dir, stage):
+    out = tmp_path / f"zero{stage}"
+    ov = tiny_overrides(tiny_model_dir, qa_file, out, mlflow_dir, **{
+        "train.max_steps": 2, "deepspeed.zero_stage": stage, "eval.enabled": "false"})
+    s = run_training(load_config(REPO / "jobs/lora.yaml", ov))
+    assert s.metrics["step"] == 2
+    assert (out / "merged" / "model.safetensors").is_file()
