@@ -7,6 +7,8 @@ TORCH_VERSION ?= 2.13.0
 DEEPSPEED_VERSION ?= 0.19.8
 export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS := 0
 export TOKENIZERS_PARALLELISM := false
+# Ray waits 30 s for its raylet by default; loaded CI machines can need longer.
+export RAY_raylet_start_wait_time_s := 120
 
 .PHONY: setup demo test test-fast test-all lint format bench clean
 

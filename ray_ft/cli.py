@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from ray_ft.config import ConfigError, load_config
 from ray_ft.data import DataError
@@ -47,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     s = run_training(cfg, resume=args.resume)
     tuned = s.evaluation.get("metrics", {}).get("tuned", {})
-    print("\n[ray-ft] done in {:.0f}s".format(s.wall_s))
+    print(f"\n[ray-ft] done in {s.wall_s:.0f}s")
     print(f"  artifact:      {s.artifact_dir}")
     print(f"  output dir:    {s.output_dir}")
     print(f"  MLflow:        {s.tracking_uri}  run {s.run_id}")
@@ -68,12 +69,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ray_ft.data import read_jsonl
     from ray_ft.evaluate import evaluate_generation
+    from ray_ft.export import read_metadata
     from ray_ft.inference import Generator
 
     ds = read_jsonl(args.data)
-    gen = Generator.load(args.model_dir)
     records = ds.records[: args.max_examples] if args.max_examples else ds.records
-    result = evaluate_generation(gen, records, max_new_tokens=args.max_new_tokens)
+    meta = read_metadata(args.model_dir)
+    if meta.get("task") == "classification":
+        from ray_ft.evaluate import evaluate_classification
+        from ray_ft.methods import get_method
+
+        if ds.format != "classification":
+            raise ValueError(f"{args.data}: a classifier needs {{text, label}} data, got {ds.format!r}")
+        classifier = get_method(meta["method"]).load_classifier(Path(args.model_dir), meta)
+        result = evaluate_classification(classifier, records, classifier.labels)
+    else:
+        result = evaluate_generation(Generator.load(args.model_dir), records, max_new_tokens=args.max_new_tokens)
     if not args.predictions:
         result.pop("predictions")
     print(json.dumps(result, ensure_ascii=False, indent=1))

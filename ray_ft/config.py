@@ -159,17 +159,81 @@ class SearchConfig(StrictModel):
     """Ray Tune search over LoRA hyper-parameters (``ray-ft tune``)."""
 
     r: list[int] = [4, 8, 16]
+    """LoRA ranks to choose from."""
     alpha: list[int] | None = None
+    """LoRA alphas to choose from; when set it wins over ``alpha_multiple``."""
     alpha_multiple: list[float] | None = [1.0, 2.0]
+    """Alpha as a multiple of the sampled ``r`` (``alpha = round(multiple * r)``)."""
     lr: tuple[float, float] = (1e-4, 2e-3)
+    """Learning-rate range ``(low, high)``, sampled log-uniformly; ``low == high`` fixes it."""
     dropout: list[float] | None = None
+    """LoRA dropouts to choose from (default: ``method.dropout``)."""
     num_samples: int = 4
+    """Trials to run."""
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """``asha`` stops weak trials early at rungs of ``grace_period * reduction_factor**k`` steps; ``fifo`` runs
+    every trial to the end."""
     grace_period: int = 1
+    """Steps a trial runs before ASHA may stop it."""
     reduction_factor: int = 2
     search_alg: Literal["random", "optuna"] = "random"
+    seed: int | None = None
+    """Seed for drawing trials: the same seed draws the same hyper-parameters."""
     max_concurrent_trials: int | None = None
+    """Default: as many trials as the cluster's CPUs/GPUs hold at once."""
+    max_failures: int = 1
+    """Times a crashed trial is restarted (from its last checkpoint) before it counts as failed."""
+
+    @field_validator("r", "alpha")
+    @classmethod
+    def _positive_ints(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError("must be a non-empty list of values >= 1")
+        return v
+
+    @field_validator("alpha_multiple")
+    @classmethod
+    def _positive_multiples(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or min(v) <= 0):
+            raise ValueError("must be a non-empty list of values > 0")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropouts(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or not all(0 <= d < 1 for d in v)):
+            raise ValueError("must be a non-empty list of values in [0, 1)")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return v
+
+    @field_validator("num_samples", "grace_period", "max_concurrent_trials")
+    @classmethod
+    def _at_least_one(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("reduction_factor")
+    @classmethod
+    def _reduction(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("must be >= 2")
+        return v
+
+    @field_validator("max_failures")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
 
 
 class ExperimentConfig(StrictModel):

@@ -259,9 +259,9 @@ def encode_generation(rec: dict[str, Any], tokenizer, fmt: PromptFormat, max_len
     q = rec["messages"][:-1] if "messages" in rec else question_of(rec)
     prompt_ids = tokenizer(fmt.prompt(q, tokenizer), add_special_tokens=not fmt.use_chat_template)["input_ids"]
     answer_ids = tokenizer(fmt.answer_prefix() + answer_of(rec), add_special_tokens=False)["input_ids"]
-    answer_ids = answer_ids + [tokenizer.eos_token_id]
-    if len(answer_ids) >= max_length:
-        answer_ids = answer_ids[: max_length // 2]
+    answer_ids = [*answer_ids, tokenizer.eos_token_id]
+    if len(answer_ids) >= max_length:  # keep room for the prompt; the answer keeps its EOS
+        answer_ids = [*answer_ids[: max_length // 2 - 1], tokenizer.eos_token_id]
     prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :]
     return {
         "input_ids": prompt_ids + answer_ids,

@@ -1,4 +1,5 @@
-"""Generation metrics: answer loss/perplexity, ROUGE-L and exact match, base vs tuned."""
+"""Metrics, base vs tuned: answer loss/perplexity, ROUGE-L and exact match for generation; accuracy,
+macro-F1 and a confusion matrix for classification."""
 
 from __future__ import annotations
 
@@ -39,27 +40,30 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 
 @torch.inference_mode()
-def answer_loss(model, tokenizer, records: list[dict], fmt: PromptFormat, max_length: int = 512,
-                batch_size: int = 16) -> float:
+def answer_loss(
+    model, tokenizer, records: list[dict], fmt: PromptFormat, max_length: int = 512, batch_size: int = 16
+) -> float:
     """Mean cross-entropy over answer tokens (teacher forcing)."""
     device = next(model.parameters()).device
     encoded = [encode_generation(r, tokenizer, fmt, max_length) for r in records]
     total, count = 0.0, 0
     for i in range(0, len(encoded), batch_size):
         batch = collate(encoded[i : i + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits.float()
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits.float()
         labels = batch["labels"][:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-            reduction="sum")
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         total += loss.item()
         count += int((labels != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 
-def evaluate_generation(generator, records: list[dict], *, max_new_tokens: int = 64, batch_size: int = 16,
-                        max_length: int = 512) -> dict[str, Any]:
+def evaluate_generation(
+    generator, records: list[dict], *, max_new_tokens: int = 64, batch_size: int = 16, max_length: int = 512
+) -> dict[str, Any]:
     """Metrics for one model on one split, plus the predictions."""
     questions = [question_of(r) for r in records]
     references = [answer_of(r) for r in records]
@@ -71,8 +75,10 @@ def evaluate_generation(generator, records: list[dict], *, max_new_tokens: int =
         "rouge_l": rouge_l(predictions, references),
         "exact_match": exact_match(predictions, references),
         "n": len(records),
-        "predictions": [{"question": q, "reference": r, "prediction": p}
-                        for q, r, p in zip(questions, references, predictions, strict=True)],
+        "predictions": [
+            {"question": q, "reference": r, "prediction": p}
+            for q, r, p in zip(questions, references, predictions, strict=True)
+        ],
     }
 
 
@@ -85,8 +91,9 @@ def evaluate_run(cfg, model_dir: str, artifact_dir, train: list[dict], val: list
     splits = {"train": train[:n], "validation": val[:n]}
     models = {"tuned": Generator.load(artifact_dir)}
     if cfg.eval.compare_base:
-        base = Generator.load(model_dir, trust_remote_code=cfg.model.trust_remote_code,
-                              allow_pickle=cfg.model.allow_pickle)
+        base = Generator.load(
+            model_dir, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle
+        )
         base.fmt = PromptFormat.from_config(cfg.data)
         models = {"base": base, **models}
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
@@ -97,8 +104,12 @@ def evaluate_run(cfg, model_dir: str, artifact_dir, train: list[dict], val: list
                 continue
             print(f"[ray-ft] evaluating {name} on {len(records)} {split_name} questions", flush=True)
             metrics[name][split_name] = evaluate_generation(
-                gen, records, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                max_length=cfg.data.max_length)
+                gen,
+                records,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                batch_size=cfg.eval.batch_size,
+                max_length=cfg.data.max_length,
+            )
     predictions = {m: {s: v.pop("predictions") for s, v in splits_.items()} for m, splits_ in metrics.items()}
     report = {"metrics": metrics, "predictions": predictions}
     print(format_report(report, cfg.eval.show_examples), flush=True)
@@ -109,8 +120,10 @@ def format_report(report: dict[str, Any], show_examples: int = 3) -> str:
     lines = ["", f"{'model':<8} {'split':<11} {'loss':>7} {'ppl':>9} {'rouge_l':>8} {'exact':>6}"]
     for model, splits in report["metrics"].items():
         for split_name, m in splits.items():
-            lines.append(f"{model:<8} {split_name:<11} {m['loss']:>7.3f} {m['perplexity']:>9.2f} "
-                         f"{m['rouge_l']:>8.3f} {m['exact_match']:>6.2f}")
+            lines.append(
+                f"{model:<8} {split_name:<11} {m['loss']:>7.3f} {m['perplexity']:>9.2f} "
+                f"{m['rouge_l']:>8.3f} {m['exact_match']:>6.2f}"
+            )
     preds = report["predictions"]
     tuned = preds.get("tuned", {}).get("train", [])
     base = preds.get("base", {}).get("train", [])
@@ -120,3 +133,74 @@ def format_report(report: dict[str, Any], show_examples: int = 3) -> str:
             lines.append(f"  base:      {base[i]['prediction']}")
         lines.append(f"  tuned:     {ex['prediction']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def classification_metrics(predictions: list[str], references: list[str], labels: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and the confusion matrix (rows: reference, columns: prediction).
+
+    Macro-F1 averages the per-label F1 over every label that occurs in ``references`` or ``predictions`` (as
+    scikit-learn does); ``labels`` orders the confusion matrix and may list labels that occur in neither.
+    """
+    order = list(labels) + sorted({*references, *predictions} - set(labels))
+    index = {label: i for i, label in enumerate(order)}
+    matrix = [[0] * len(order) for _ in order]
+    for p, r in zip(predictions, references, strict=True):
+        matrix[index[r]][index[p]] += 1
+    f1s = []
+    for label in sorted({*references, *predictions}):
+        i = index[label]
+        tp = matrix[i][i]
+        predicted = sum(row[i] for row in matrix)
+        actual = sum(matrix[i])
+        f1s.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
+    n = len(references)
+    return {
+        "accuracy": sum(p == r for p, r in zip(predictions, references, strict=True)) / max(n, 1),
+        "macro_f1": sum(f1s) / max(len(f1s), 1),
+        "n": n,
+        "labels": order,
+        "confusion_matrix": matrix,
+    }
+
+
+def evaluate_classification(classifier, records: list[dict], labels: list[str], batch_size: int = 16) -> dict:
+    """Metrics of a classifier (anything with ``predict(texts)``) on ``{"text", "label"}`` records."""
+    predicted = classifier.predict([r["text"] for r in records], batch_size=batch_size)
+    predictions = [p["label"] for p in predicted]
+    references = [str(r["label"]) for r in records]
+    return {
+        **classification_metrics(predictions, references, labels),
+        "predictions": [
+            {"text": r["text"], "reference": ref, "prediction": p["label"], "p": p["probabilities"][p["label"]]}
+            for r, ref, p in zip(records, references, predicted, strict=True)
+        ],
+    }
+
+
+def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path, title: str = "") -> None:
+    """Write the confusion matrix as a PNG (counts in the cells)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = 1.5 + 0.6 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference")
+    top = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

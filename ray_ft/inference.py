@@ -32,8 +32,9 @@ class Generator:
             model, tokenizer = get_method(meta["method"]).load_export(Path(model_dir), meta)
         else:
             tokenizer = load_tokenizer(str(model_dir), trust_remote_code)
-            model = load_causal_lm(str(model_dir), torch.float32, trust_remote_code=trust_remote_code,
-                                   allow_pickle=allow_pickle)
+            model = load_causal_lm(
+                str(model_dir), torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+            )
         model.eval()
         fmt = PromptFormat(**meta["prompt_format"]) if "prompt_format" in meta else PromptFormat()
         return cls(model=model, tokenizer=tokenizer, fmt=fmt, meta=meta)
@@ -69,10 +70,16 @@ class Generator:
             chunk = prompts[i : i + batch_size]
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=not self.fmt.use_chat_template)
             enc = {k: v.to(device) for k, v in enc.items()}
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-                "do_sample": False}
+            sampling = (
+                {"do_sample": True, "temperature": temperature, "top_p": top_p}
+                if temperature > 0
+                else {"do_sample": False}
+            )
             gen = self.model.generate(
-                **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                **enc,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
                 **sampling,
             )
             width = enc["input_ids"].shape[1]
@@ -83,14 +90,19 @@ class Generator:
                 for s in stops:
                     if s in text:
                         text, finished = text.split(s, 1)[0], True
-                n_new = int((new != tok.pad_token_id).sum()) if tok.pad_token_id != tok.eos_token_id else len(
-                    tok(text, add_special_tokens=False)["input_ids"])
-                out.append({
-                    "text": text.strip(),
-                    "prompt_tokens": int(mask.sum()),
-                    "completion_tokens": n_new,
-                    "finish_reason": "stop" if finished else "length",
-                })
+                n_new = (
+                    int((new != tok.pad_token_id).sum())
+                    if tok.pad_token_id != tok.eos_token_id
+                    else len(tok(text, add_special_tokens=False)["input_ids"])
+                )
+                out.append(
+                    {
+                        "text": text.strip(),
+                        "prompt_tokens": int(mask.sum()),
+                        "completion_tokens": n_new,
+                        "finish_reason": "stop" if finished else "length",
+                    }
+                )
         return out
 
     def answer(self, questions: list[str], **kwargs) -> list[str]:

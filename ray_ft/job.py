@@ -39,6 +39,8 @@ class JobSummary:
     metrics: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
+    train_wall_s: float = 0.0
+    """Seconds in the training driver (``fit``), without export and evaluation."""
 
 
 def load_dataset(cfg: ExperimentConfig) -> tuple[Dataset, list[dict], list[dict]]:
@@ -99,18 +101,23 @@ def _raise_interrupt(signum, frame):
 
 def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str | None = None) -> JobSummary:
     """Train, export and evaluate one config; every step prints progress, the end prints a summary."""
-    from ray_ft.train import existing_checkpoints, fit
+    from ray_ft.train import existing_checkpoints, fit, storage_path
 
     t0 = time.time()
     method = get_method(cfg.method.name)
     ds, train, val = load_dataset(cfg)
-    print(f"[ray-ft] data {ds.path}: {ds.format}, {ds.stats['examples']} examples "
-          f"({ds.stats['duplicates_dropped']} duplicates dropped, {ds.stats['normalized']} normalised); "
-          f"train {len(train)}, validation {len(val)}", flush=True)
+    print(
+        f"[ray-ft] data {ds.path}: {ds.format}, {ds.stats['examples']} examples "
+        f"({ds.stats['duplicates_dropped']} duplicates dropped, {ds.stats['normalized']} normalised); "
+        f"train {len(train)}, validation {len(val)}",
+        flush=True,
+    )
     out = Path(cfg.output_dir).resolve()
     if existing_checkpoints(cfg) and not resume:
-        raise JobError(f"{out} already holds checkpoints of an earlier run; pass --resume to continue it, "
-                       "or choose another output_dir")
+        raise JobError(
+            f"{out} already holds checkpoints of an earlier run; pass --resume to continue it, "
+            "or choose another output_dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     model_dir = resolve_model_dir(cfg.model)
@@ -129,13 +136,19 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str
 
     previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM,)}
     try:
-        result = fit(cfg, model_dir, train, val, tracking_uri=uri, run_id=run_id)
+        # A method may bring its own driver (``linear_probe``: features once, then a head); default: Ray Train loop.
+        method_fit = getattr(method, "fit", fit)
+        result = method_fit(cfg, model_dir, train, val, tracking_uri=uri, run_id=run_id)
         summary = _finish(cfg, method, model_dir, result, train, val, out, uri, run_id, ds)
-    except (KeyboardInterrupt, _Interrupted) as e:
+    except (KeyboardInterrupt, SystemExit, _Interrupted) as e:
+        # Ray Train turns SIGINT into a graceful abort that ends in SystemExit; SIGTERM arrives as _Interrupted.
         tracking.end_run(uri, run_id, "KILLED")
-        print(f"\n[ray-ft] interrupted ({e or 'SIGINT'}); checkpoints kept under {out / 'ray'}; "
-              "continue with --resume", flush=True)
-        raise
+        print(
+            f"\n[ray-ft] interrupted ({type(e).__name__}); checkpoints kept under {storage_path(cfg)}; "
+            f"continue with: ray-ft train {out / 'config.yaml'} --resume",
+            flush=True,
+        )
+        raise KeyboardInterrupt from None
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
         raise
@@ -147,13 +160,22 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str
     return summary
 
 
-def _finish(cfg, method, model_dir, result, train, val, out: Path, uri: str, run_id: str, ds) -> JobSummary:
+def export_checkpoint(
+    cfg: ExperimentConfig, model_dir: str, checkpoint_dir: str | Path, out: Path, uri: str, run_id: str, **extra
+) -> Path:
+    """Copy a checkpoint's trained parameters to ``out/trainable`` and export the servable artifact beside it.
+
+    Both are logged to the MLflow run, and the artifact is registered when ``tracking.registered_model`` is set.
+    ``extra`` goes into the artifact metadata. Returns the artifact directory.
+    """
     from ray_ft.train import TRAINABLE_DIR
 
-    meta = artifact_metadata(cfg, model_dir, run_id, labels=ds.labels or None)
-    trained = Path(result.checkpoint_dir) / TRAINABLE_DIR
-    write_artifact(out / "trainable", lambda d: shutil.copytree(trained, d, dirs_exist_ok=True),
-                   {**meta, "artifact": "trainable"})
+    method = get_method(cfg.method.name)
+    meta = artifact_metadata(cfg, model_dir, run_id, **extra)
+    trained = Path(checkpoint_dir) / TRAINABLE_DIR
+    write_artifact(
+        out / "trainable", lambda d: shutil.copytree(trained, d, dirs_exist_ok=True), {**meta, "artifact": "trainable"}
+    )
     tracking.log_artifact(uri, run_id, out / "trainable", "trainable")
     artifact_dir = out / method.artifact
     print(f"[ray-ft] exporting {method.name} → {artifact_dir}", flush=True)
@@ -163,6 +185,13 @@ def _finish(cfg, method, model_dir, result, train, val, out: Path, uri: str, run
         name = cfg.tracking.registered_model.format(method=method.name)
         version = tracking.register_model(uri, run_id, name, method.artifact)
         print(f"[ray-ft] registered model {name} version {version}", flush=True)
+    return artifact_dir
+
+
+def _finish(cfg, method, model_dir, result, train, val, out: Path, uri: str, run_id: str, ds) -> JobSummary:
+    if result.checkpoint_dir is None:
+        raise JobError("training finished without a checkpoint (Ray Train local mode keeps none); use num_workers >= 1")
+    artifact_dir = export_checkpoint(cfg, model_dir, result.checkpoint_dir, out, uri, run_id, labels=ds.labels or None)
     if _plot_history(result.history, out / "loss_curve.png"):
         tracking.log_artifact(uri, run_id, out / "loss_curve.png")
 
@@ -170,11 +199,25 @@ def _finish(cfg, method, model_dir, result, train, val, out: Path, uri: str, run
     if cfg.eval.enabled:
         from ray_ft.evaluate import evaluate_run
 
-        evaluation = evaluate_run(cfg, model_dir, artifact_dir, train, val)
+        evaluation = getattr(method, "evaluate_run", evaluate_run)(cfg, model_dir, artifact_dir, train, val)
         (out / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
         tracking.log_artifact(uri, run_id, out / "eval.json")
-        flat = {f"eval.{m}.{s}.{k}": v for m, splits in evaluation["metrics"].items()
-                for s, vals in splits.items() for k, v in vals.items() if isinstance(v, int | float)}
+        for name in evaluation.get("artifacts", []):  # files the evaluation wrote into output_dir (plots)
+            tracking.log_artifact(uri, run_id, out / name)
+        flat = {
+            f"eval.{m}.{s}.{k}": v
+            for m, splits in evaluation["metrics"].items()
+            for s, vals in splits.items()
+            for k, v in vals.items()
+            if isinstance(v, int | float)
+        }
         tracking.StepLogger(uri, run_id).log(flat, step=int(result.metrics.get("step", 0)))
-    return JobSummary(output_dir=str(out), artifact_dir=str(artifact_dir), tracking_uri=uri, run_id=run_id,
-                      metrics=result.metrics, evaluation=evaluation)
+    return JobSummary(
+        output_dir=str(out),
+        artifact_dir=str(artifact_dir),
+        tracking_uri=uri,
+        run_id=run_id,
+        metrics=result.metrics,
+        evaluation=evaluation,
+        train_wall_s=result.wall_s,
+    )

@@ -145,8 +145,7 @@ def load_causal_lm(
     except OSError as e:
         if not allow_pickle and "safetensors" in str(e).lower():
             raise ValueError(
-                f"{model_dir}: no safetensors weights; set model.allow_pickle=true to load pickle "
-                "weights you trust"
+                f"{model_dir}: no safetensors weights; set model.allow_pickle=true to load pickle weights you trust"
             ) from None
         raise
 

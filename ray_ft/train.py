@@ -21,6 +21,7 @@ from ray_ft.data import PromptFormat, collate, encode_generation, length_grouped
 from ray_ft.methods import get_method
 
 TRAINABLE_DIR = "trainable"
+PROGRESS_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss")
 STATE_FILE = "state.json"
 
 
@@ -106,6 +107,32 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on GPU, else this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _ensure_process_group() -> None:
+    """DeepSpeed needs a process group; Ray Train makes one, local mode (``num_workers=0``) does not."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+
+
 def _comm_device() -> torch.device:
     import torch.distributed as dist
 
@@ -120,8 +147,9 @@ def _validation_loss(engine, batches: list[dict[str, torch.Tensor]], device) -> 
         b = {k: v.to(device) for k, v in b.items()}
         out = engine(**b)
         n = float((b["labels"][:, 1:] != -100).sum())
-        total += out.loss.item() * n
-        count += n
+        if n:  # a filler batch (see train_fn_per_worker) runs the forward but counts for nothing
+            total += out.loss.item() * n
+            count += n
     engine.train()
     total, count = _all_reduce([total, count])
     return total / max(count, 1.0)
@@ -138,6 +166,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = ExperimentConfig.model_validate(loop_config["config"])
+    _ensure_process_group()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -152,19 +181,31 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     fmt = PromptFormat.from_config(cfg.data)
     train_enc = [encode_generation(r, tokenizer, fmt, cfg.data.max_length) for r in loop_config["train_records"]]
     val_enc = [encode_generation(r, tokenizer, fmt, cfg.data.max_length) for r in loop_config["val_records"]]
-    val_batches = [collate(val_enc[i : i + cfg.train.batch_size], tokenizer.pad_token_id)
-                   for i in range(rank * cfg.train.batch_size, len(val_enc), cfg.train.batch_size * world)]
+    val_batches = [
+        collate(val_enc[i : i + cfg.train.batch_size], tokenizer.pad_token_id)
+        for i in range(rank * cfg.train.batch_size, len(val_enc), cfg.train.batch_size * world)
+    ]
+    # ZeRO-3 gathers parameters collectively in every forward, so all ranks must run as many validation
+    # forwards: a rank short of data repeats a batch without answer tokens (it adds nothing to the loss).
+    if val_enc:
+        filler = collate(val_enc[:1], tokenizer.pad_token_id)
+        filler["labels"].fill_(-100)
+        val_batches += [filler] * (math.ceil(len(val_enc) / (cfg.train.batch_size * world)) - len(val_batches))
 
     model = method.load_for_training(cfg, loop_config["model_dir"], device)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_enc), world)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=use_gpu or None)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=use_gpu or None
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, bf16), dist_init_required=False,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world, bf16),
+        dist_init_required=False,
     )
 
     start_step = 0
@@ -179,14 +220,19 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     from ray_ft.tracking import StepLogger
 
     logger = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
+    if logger is not None:
+        # ZeRO-3 has partitioned the parameters by now; ``ds_numel`` is the full size.
+        logger.log({"trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainable)}, step=start_step)
     batches = _Batches(train_enc, cfg.train.batch_size, rank, world, cfg.train.seed, tokenizer.pad_token_id)
     eval_every = cfg.train.eval_every or steps_per_epoch
     accum = cfg.train.grad_accum
     engine.train()
     t_start, tokens_since, t_last = time.time(), 0.0, time.time()
+    # Steady-state throughput: wall time from the end of the first (warm-up) step, reports included.
+    steady = {"tokens": 0.0, "samples": 0.0, "since": 0.0}
     for step in range(start_step, total_steps):
         loss_sum = 0.0
-        tokens = 0
+        tokens = samples = 0
         for micro in range(accum):
             batch = {k: v.to(device) for k, v in batches.get(step * accum + micro).items()}
             loss = engine(**batch).loss
@@ -194,9 +240,15 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             engine.step()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
-        loss_mean, tokens_all = _all_reduce([loss_sum / accum, float(tokens)])
+            samples += int(batch["input_ids"].shape[0])
+        loss_mean, tokens_all, samples_all = _all_reduce([loss_sum / accum, float(tokens), float(samples)])
         loss_mean /= world
         tokens_since += tokens_all
+        if step == start_step:
+            steady["since"] = time.time()
+        else:
+            steady["tokens"] += tokens_all
+            steady["samples"] += samples_all
         done = step + 1
         metrics: dict[str, Any] = {
             "step": done,
@@ -210,13 +262,17 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             elapsed = time.time() - t_last
             metrics["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
             tokens_since, t_last = 0.0, time.time()
+        metrics["peak_mem_mb"] = peak_memory_mb(device)
+        if step > start_step:
+            elapsed_steady = max(time.time() - steady["since"], 1e-9)
+            metrics["steady_tokens_per_s"] = steady["tokens"] / elapsed_steady
+            metrics["steady_samples_per_s"] = steady["samples"] / elapsed_steady
         if is_eval and val_enc:
             metrics["val_loss"] = _validation_loss(engine, val_batches, device)
         if rank == 0:
             eta = (time.time() - t_start) / (done - start_step) * (total_steps - done)
-            line = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("step", "epoch"))
-            print(f"[ray-ft] step {done}/{total_steps} epoch {metrics['epoch']:.2f} {line} eta {eta:.0f}s",
-                  flush=True)
+            line = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in PROGRESS_KEYS)
+            print(f"[ray-ft] step {done}/{total_steps} epoch {metrics['epoch']:.2f} {line} eta {eta:.0f}s", flush=True)
             logger.log({k: v for k, v in metrics.items() if k != "step"}, step=done)
         if is_eval:
             _report_with_checkpoint(engine, method, tokenizer, metrics, rank, done)
@@ -246,7 +302,7 @@ def _report_with_checkpoint(engine, method, tokenizer, metrics: dict[str, Any], 
 
 @dataclass
 class FitResult:
-    checkpoint_dir: str
+    checkpoint_dir: str | None
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     wall_s: float
@@ -279,14 +335,23 @@ def existing_checkpoints(cfg: ExperimentConfig) -> list[str]:
     return sorted(str(p) for p in root.glob("checkpoint_*")) if root.is_dir() else []
 
 
-def build_trainer(cfg: ExperimentConfig, loop_config: dict[str, Any], callbacks: list | None = None,
-                  name: str | None = None, storage: str | None = None):
-    """The ``TorchTrainer`` for one run (also used per trial by ``ray-ft tune``)."""
+def build_trainer(
+    cfg: ExperimentConfig,
+    loop_config: dict[str, Any],
+    callbacks: list | None = None,
+    name: str | None = None,
+    storage: str | None = None,
+    train_fn=None,
+):
+    """The ``TorchTrainer`` for one run (also used per trial by ``ray-ft tune``).
+
+    ``train_fn`` replaces :func:`train_fn_per_worker` for methods that bring their own loop (``linear_probe``).
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
-        train_fn_per_worker,
+        train_fn or train_fn_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -314,7 +379,7 @@ class _History:
         from ray.train import UserCallback
 
         class _CB(UserCallback):
-            def after_report(cb, run_context, metrics, checkpoint):  # noqa: N805
+            def after_report(cb, run_context, metrics, checkpoint):
                 if metrics:
                     self.rows.append(dict(metrics[0]))
 
@@ -322,9 +387,29 @@ class _History:
         self.callback = _CB()
 
 
-def fit(cfg: ExperimentConfig, model_dir: str, train_records: list[dict], val_records: list[dict],
-        tracking_uri: str | None = None, run_id: str | None = None) -> FitResult:
-    """Run the Ray Train job; return the final checkpoint and the reported history."""
+def _local_checkpoint_dir(checkpoint) -> str | None:
+    """A local directory for the checkpoint (downloaded when ``storage_path`` is a cloud URI)."""
+    if checkpoint is None:
+        return None
+    if os.path.isdir(checkpoint.path):
+        return checkpoint.path
+    return checkpoint.to_directory(tempfile.mkdtemp(prefix="ray-ft-checkpoint-"))
+
+
+def fit(
+    cfg: ExperimentConfig,
+    model_dir: str,
+    train_records: list[dict],
+    val_records: list[dict],
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    train_fn=None,
+    extra_loop_config: dict[str, Any] | None = None,
+) -> FitResult:
+    """Run the Ray Train job; return the final checkpoint and the reported history.
+
+    ``train_fn`` and ``extra_loop_config`` let a method run its own worker loop with extra inputs.
+    """
     init_ray(cfg)
     history = _History()
     loop_config = {
@@ -334,13 +419,12 @@ def fit(cfg: ExperimentConfig, model_dir: str, train_records: list[dict], val_re
         "val_records": val_records,
         "tracking_uri": tracking_uri,
         "run_id": run_id,
+        **(extra_loop_config or {}),
     }
     t0 = time.time()
-    result = build_trainer(cfg, loop_config, callbacks=[history.callback]).fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
+    result = build_trainer(cfg, loop_config, callbacks=[history.callback], train_fn=train_fn).fit()
     return FitResult(
-        checkpoint_dir=result.checkpoint.path,
+        checkpoint_dir=_local_checkpoint_dir(result.checkpoint),
         metrics=dict(result.metrics or {}),
         history=history.rows,
         wall_s=time.time() - t0,

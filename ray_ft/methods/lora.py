@@ -26,6 +26,15 @@ class LoraMethodConfig(MethodConfig):
     """Module names (or ``all-linear``); default: the model family's projections."""
     layers_to_transform: list[int] | None = None
     """Only adapt these decoder layers (default: all)."""
+    top_layers: int | None = None
+    """Only adapt the top N decoder layers: backward stops below them, so steps are faster."""
+
+
+def _layers(cfg: LoraMethodConfig, model) -> list[int] | None:
+    if cfg.top_layers is None:
+        return cfg.layers_to_transform
+    n = model.config.num_hidden_layers
+    return list(range(max(0, n - cfg.top_layers), n))
 
 
 def lora_config(cfg: LoraMethodConfig, model):
@@ -36,7 +45,7 @@ def lora_config(cfg: LoraMethodConfig, model):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules or default_lora_targets(model),
-        layers_to_transform=cfg.layers_to_transform,
+        layers_to_transform=_layers(cfg, model),
         task_type=TaskType.CAUSAL_LM,
     )
 
@@ -66,6 +75,10 @@ class LoraMethod:
             raise ValueError("method.r and method.alpha must be >= 1")
         if not 0 <= m.dropout < 1:
             raise ValueError("method.dropout must be in [0, 1)")
+        if m.top_layers is not None and m.layers_to_transform is not None:
+            raise ValueError("method.top_layers and method.layers_to_transform are exclusive; set one")
+        if m.top_layers is not None and m.top_layers < 1:
+            raise ValueError("method.top_layers must be >= 1")
 
     def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device):
         from peft import get_peft_model

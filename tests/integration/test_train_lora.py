@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
+
 from ray_ft.config import load_config
 from ray_ft.job import JobError, run_training
 
@@ -53,8 +53,13 @@ def test_train_checkpoint_resume_and_mlflow(ray_local, tiny_model_dir, qa_file, 
 @pytest.mark.parametrize("stage", [3])
 def test_zero3_trains_and_merges(ray_local, tiny_model_dir, qa_file, tmp_path, mlflow_dir, stage):
     out = tmp_path / f"zero{stage}"
-    ov = tiny_overrides(tiny_model_dir, qa_file, out, mlflow_dir, **{
-        "train.max_steps": 2, "deepspeed.zero_stage": stage, "eval.enabled": "false"})
+    ov = tiny_overrides(
+        tiny_model_dir,
+        qa_file,
+        out,
+        mlflow_dir,
+        **{"train.max_steps": 2, "deepspeed.zero_stage": stage, "eval.enabled": "false"},
+    )
     s = run_training(load_config(REPO / "jobs/lora.yaml", ov))
     assert s.metrics["step"] == 2
     assert (out / "merged" / "model.safetensors").is_file()

@@ -22,8 +22,9 @@ def test_defaults_are_lora_on_embedded_model():
 
 
 def test_overrides_win_and_are_typed(tmp_path):
-    cfg = load_config(REPO / "jobs/lora.yaml", ["train.max_steps=7", "method.r=4", "output_dir=/x/y",
-                                                  "data.val_fraction=0.2"])
+    cfg = load_config(
+        REPO / "jobs/lora.yaml", ["train.max_steps=7", "method.r=4", "output_dir=/x/y", "data.val_fraction=0.2"]
+    )
     assert cfg.train.max_steps == 7 and cfg.method.r == 4 and cfg.output_dir == "/x/y"
     assert cfg.data.val_fraction == pytest.approx(0.2)
 

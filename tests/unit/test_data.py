@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import QA_ROWS, write_jsonl
+
 from ray_ft.data import (
     IGNORE_INDEX,
     DataError,
@@ -79,8 +79,20 @@ def test_cleaning_normalises_and_dedupes(tmp_path):
 def test_other_formats(tmp_path):
     io = read_jsonl(write_jsonl(tmp_path / "io.jsonl", [{"input": "i", "output": "o", "context": "c"}]))
     assert io.format == "io"
-    chat = read_jsonl(write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
-        {"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}]))
+    chat = read_jsonl(
+        write_jsonl(
+            tmp_path / "chat.jsonl",
+            [
+                {
+                    "messages": [
+                        {"role": "system", "content": "s"},
+                        {"role": "user", "content": "u"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            ],
+        )
+    )
     assert chat.format == "chat"
     cls = read_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"text": "t", "label": "a"}, {"text": "u", "label": "b"}]))
     assert cls.format == "classification" and cls.labels == ["a", "b"]

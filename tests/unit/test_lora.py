@@ -39,8 +39,11 @@ def test_merge_round_trip_matches_adapter_model(tiny_model_dir, tmp_path):
     assert not torch.allclose(expected, plain, atol=1e-4), "adapter had no effect"
 
     method.save_trainable(model, tmp_path / "adapter", None)
-    out = write_artifact(tmp_path / "merged", lambda d: method.export(cfg, str(tiny_model_dir), tmp_path / "adapter", d),
-                         {"method": "lora", "artifact": "merged", "task": "generation"})
+    out = write_artifact(
+        tmp_path / "merged",
+        lambda d: method.export(cfg, str(tiny_model_dir), tmp_path / "adapter", d),
+        {"method": "lora", "artifact": "merged", "task": "generation"},
+    )
     assert read_metadata(out)["method"] == "lora"
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n for n, _ in merged.named_parameters())

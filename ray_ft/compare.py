@@ -1,0 +1,229 @@
+"""``ray-ft compare``: train every tuning method on the shipped data and tabulate what each costs and gains.
+
+Each method runs its own job config (``jobs/<method>.yaml``) through :func:`ray_ft.job.run_training` as a child
+MLflow run under one parent run. The table (markdown + JSON, also logged to the parent run) holds, per method:
+trainable parameters, peak memory (resident set of the rank-0 training worker; for the linear probe the larger
+of the feature actors' and the head worker's), training and total wall time, throughput (steady-state
+training tokens/s; for the probe, tokens/s through the frozen model while computing features), and quality base
+vs tuned on the training and validation splits (ROUGE-L for generation, accuracy and macro-F1 for the probe).
+
+Overrides apply to every method (``train.max_steps=5``), or to one with a prefix (``lora:method.r=8``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from ray_ft import tracking
+from ray_ft.config import load_config
+
+METHODS = ("lora", "qlora", "prompt_tuning", "linear_probe")
+
+
+def config_dir() -> Path:
+    """``jobs/`` beside the package (a source checkout), else ``./jobs``."""
+    beside = Path(__file__).resolve().parents[1] / "jobs"
+    return beside if beside.is_dir() else Path("jobs")
+
+
+def overrides_for(method: str, overrides: list[str]) -> list[str]:
+    """The overrides that apply to ``method``: unprefixed ones, and ``method:key=value`` without the prefix."""
+    chosen = []
+    for item in overrides:
+        prefix, sep, rest = item.partition(":")
+        if sep and "=" not in prefix:
+            if prefix not in METHODS:
+                raise ValueError(f"override {item!r}: unknown method prefix {prefix!r}; choose one of {list(METHODS)}")
+            if prefix == method:
+                chosen.append(rest)
+        else:
+            chosen.append(item)
+    return chosen
+
+
+def _machine() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) / 2**20
+    except (OSError, StopIteration, ValueError):
+        mem = float("nan")
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.system()} {cpu}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM"
+
+
+def _start_parent_run(cfg, name: str, params: dict[str, str]) -> tuple[str, str]:
+    uri = tracking.tracking_uri(cfg.tracking)
+    client = tracking.client(uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(
+            cfg.tracking.experiment, artifact_location=tracking._artifact_root(cfg.tracking, uri)
+        )
+    )
+    run = client.create_run(experiment_id, run_name=name, tags={"ray_ft.method": "compare"})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value[:6000])
+    return uri, run.info.run_id
+
+
+def summarize(method: str, summary, cfg) -> dict[str, Any]:
+    """One table row from a finished job: cost from its metrics and MLflow run, quality from its evaluation."""
+    from ray_ft.methods import get_method
+
+    client = tracking.client(summary.tracking_uri)
+    logged = client.get_run(summary.run_id).data.metrics
+    metrics = summary.metrics
+    task = get_method(method).task
+    if task == "classification":
+        tokens_per_s = metrics.get("tokens_per_s")
+    else:
+        tokens_per_s = metrics.get("steady_tokens_per_s")
+        if tokens_per_s is None:
+            history = [m.value for m in client.get_metric_history(summary.run_id, "tokens_per_s")]
+            tokens_per_s = sum(history) / len(history) if history else None
+    row: dict[str, Any] = {
+        "method": method,
+        "task": task,
+        "artifact": get_method(method).artifact,
+        "data": Path(cfg.data.path).name,
+        "steps": metrics.get("step"),
+        "trainable_params": logged.get("trainable_params"),
+        "peak_mem_mb": metrics.get("peak_mem_mb"),
+        "train_s": summary.train_wall_s,
+        "total_s": summary.wall_s,
+        "tokens_per_s": tokens_per_s,
+        "run_id": summary.run_id,
+        "artifact_dir": summary.artifact_dir,
+    }
+    quality = summary.evaluation.get("metrics", {})
+    names = ("accuracy", "macro_f1") if task == "classification" else ("rouge_l",)
+    for model in ("base", "tuned"):
+        for split_name, short in (("train", "train"), ("validation", "val")):
+            values = quality.get(model, {}).get(split_name, {})
+            for name in names:
+                row[f"{model}_{short}_{name}"] = values.get(name)
+    return row
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if abs(value) < 100 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a markdown table (quality cells: ROUGE-L, or accuracy / macro-F1)."""
+    header = (
+        "| method | data | served as | steps | trainable params | peak RSS (MB) | train s | total s | tokens/s "
+        "| metric | base train | tuned train | base val | tuned val |"
+    )
+    columns = header.count("|") - 1
+    lines = [header, "|" + "---|" * columns]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['method']} | failed: {r['error'][:80]} |" + " |" * (columns - 2))
+            continue
+        if r["task"] == "classification":
+            metric = "accuracy / macro-F1"
+
+            def cell(model: str, split: str, r=r) -> str:
+                return f"{_fmt(r[f'{model}_{split}_accuracy'])} / {_fmt(r[f'{model}_{split}_macro_f1'])}"
+        else:
+            metric = "ROUGE-L"
+
+            def cell(model: str, split: str, r=r) -> str:
+                return _fmt(r[f"{model}_{split}_rouge_l"])
+
+        trainable = r["trainable_params"]
+        lines.append(
+            f"| {r['method']} | {r['data']} | {r['artifact']} | {_fmt(r['steps'])} "
+            f"| {_fmt(int(trainable) if trainable is not None else None)} | {_fmt(r['peak_mem_mb'])} "
+            f"| {_fmt(r['train_s'], 0)} | {_fmt(r['total_s'], 0)} | {_fmt(r['tokens_per_s'], 0)} | {metric} "
+            f"| {cell('base', 'train')} | {cell('tuned', 'train')} | {cell('base', 'val')} | {cell('tuned', 'val')} |"
+        )
+    return "\n".join(lines)
+
+
+def run_comparison(
+    methods: list[str], output_dir: str | Path, overrides: list[str], configs: Path | None = None
+) -> list[dict[str, Any]]:
+    """Train every method in turn (child MLflow runs of one parent); write and log ``compare.md``/``.json``."""
+    from ray_ft.job import run_training
+
+    configs = configs or config_dir()
+    out = Path(output_dir).resolve()
+    cfgs = {}
+    for method in methods:  # every config is validated before anything trains
+        path = configs / f"{method}.yaml"
+        cfgs[method] = load_config(path, [f"output_dir={out / method}", *overrides_for(method, overrides)])
+    first = cfgs[methods[0]]
+    stamp = time.strftime("%Y-%m-%d %H:%M %Z")
+    machine = _machine()
+    uri, parent = _start_parent_run(
+        first,
+        f"compare-{out.name}",
+        {"methods": ",".join(methods), "overrides": " ".join(overrides), "machine": machine},
+    )
+    print(f"[ray-ft] compare {', '.join(methods)} → {out} (MLflow {uri} parent run {parent})", flush=True)
+    rows: list[dict[str, Any]] = []
+    status = "FINISHED"
+    try:
+        for method in methods:
+            print(f"\n[ray-ft] ===== {method} =====", flush=True)
+            try:
+                summary = run_training(cfgs[method], parent_run_id=parent)
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            except Exception as e:  # one failing method must not hide the others' figures
+                print(f"[ray-ft] {method} failed: {type(e).__name__}: {e}", flush=True)
+                rows.append({"method": method, "error": f"{type(e).__name__}: {e}"})
+                status = "FAILED"
+                continue
+            row = summarize(method, summary, cfgs[method])
+            rows.append(row)
+            numeric = {f"{method}.{k}": v for k, v in row.items() if isinstance(v, int | float) and v is not None}
+            tracking.StepLogger(uri, parent).log(numeric, step=0)
+    finally:
+        if rows:
+            table = format_table(rows)
+            out.mkdir(parents=True, exist_ok=True)
+            note = f"Measured {stamp} on {machine}; overrides: {' '.join(overrides) or '(none)'}."
+            (out / "compare.md").write_text(f"{table}\n\n{note}\n", encoding="utf-8")
+            (out / "compare.json").write_text(
+                json.dumps({"date": stamp, "machine": machine, "overrides": overrides, "rows": rows}, indent=1),
+                encoding="utf-8",
+            )
+            tracking.log_artifact(uri, parent, out / "compare.md")
+            tracking.log_artifact(uri, parent, out / "compare.json")
+            print(f"\n{table}\n\n{note}\n[ray-ft] table: {out / 'compare.md'}", flush=True)
+        tracking.end_run(uri, parent, status)
+    return rows
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    rows = run_comparison(methods, args.output_dir, args.overrides, Path(args.config_dir) if args.config_dir else None)
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("compare", help="train every tuning method on the shipped data and tabulate cost/quality")
+    p.add_argument("overrides", nargs="*", help="key=value for every method, or METHOD:key=value for one")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (default: all four)")
+    p.add_argument("--output-dir", default="outputs/compare")
+    p.add_argument("--config-dir", default=None, help="where <method>.yaml live (default: jobs/)")
+    p.set_defaults(func=cmd_compare)
