@@ -97,3 +97,13 @@ def tiny_overrides(model_dir: Path, data: Path, out: Path, mlflow: Path, **extra
         **extra,
     }
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray runtime with more logical CPUs than cores (driver + workers fit on 2 cores)."""
+    import ray
+
+    ray.init(num_cpus=4, log_to_driver=True)
+    yield ray
+    ray.shutdown()

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -19,7 +18,11 @@ REPO = Path(__file__).resolve().parents[2]
 def _start_training(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ray_ft.cli", "train", "jobs/lora.yaml", *args],
-        cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -47,16 +50,25 @@ def test_killed_worker_restarts_from_checkpoint(tiny_model_dir, qa_file, tmp_pat
     import ray
     from ray.util.state import list_actors
 
-    ray.init(num_cpus=4, include_dashboard=True)
+    ctx = ray.init(num_cpus=4, include_dashboard=True)
+    api = f"http://{ctx.dashboard_url}"  # explicit: other Ray instances may run on this machine
     try:
         out = tmp_path / "kill"
-        args = tiny_overrides(tiny_model_dir, qa_file, out, mlflow_dir, **{
-            "train.max_steps": 40, "train.eval_every": 2, "eval.enabled": "false", "scaling.max_failures": 2})
+        args = tiny_overrides(
+            tiny_model_dir,
+            qa_file,
+            out,
+            mlflow_dir,
+            **{"train.max_steps": 40, "train.eval_every": 2, "eval.enabled": "false", "scaling.max_failures": 2},
+        )
         proc = _start_training(args, {"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
         log: list[str] = []
         _wait_for(proc, "step 6/40", log)
-        workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-                   if a.class_name == "RayTrainWorker"]
+        workers = [
+            a
+            for a in list_actors(address=api, filters=[("state", "=", "ALIVE")], detail=True)
+            if a.class_name == "RayTrainWorker"
+        ]
         assert len(workers) == 2, workers
         os.kill(workers[1].pid, signal.SIGKILL)
         rest, _ = proc.communicate(timeout=600)
@@ -79,8 +91,13 @@ def test_killed_worker_restarts_from_checkpoint(tiny_model_dir, qa_file, tmp_pat
 
 def test_sigterm_keeps_checkpoint_marks_killed_and_resumes(tiny_model_dir, qa_file, tmp_path, mlflow_dir):
     out = tmp_path / "term"
-    base = tiny_overrides(tiny_model_dir, qa_file, out, mlflow_dir, **{
-        "train.eval_every": 2, "eval.enabled": "false", "scaling.num_workers": 1})
+    base = tiny_overrides(
+        tiny_model_dir,
+        qa_file,
+        out,
+        mlflow_dir,
+        **{"train.eval_every": 2, "eval.enabled": "false", "scaling.num_workers": 1},
+    )
     proc = _start_training([*base, "train.max_steps=400"], {"RAY_ADDRESS": ""})
     log: list[str] = []
     _wait_for(proc, "step 5/400", log)
@@ -95,7 +112,11 @@ def test_sigterm_keeps_checkpoint_marks_killed_and_resumes(tiny_model_dir, qa_fi
 
     resumed = subprocess.run(
         [sys.executable, "-m", "ray_ft.cli", "train", "jobs/lora.yaml", *base, "train.max_steps=8", "--resume"],
-        cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env={**os.environ, "RAY_ADDRESS": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     text = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, text[-4000:]
