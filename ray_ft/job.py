@@ -192,7 +192,14 @@ def _finish(cfg, method, model_dir, result, train, val, out: Path, uri: str, run
     if result.checkpoint_dir is None:
         raise JobError("training finished without a checkpoint (Ray Train local mode keeps none); use num_workers >= 1")
     artifact_dir = export_checkpoint(cfg, model_dir, result.checkpoint_dir, out, uri, run_id, labels=ds.labels or None)
-    if _plot_history(result.history, out / "loss_curve.png"):
+    # Ray Train callbacks run in the controller process, so the curve is read back from the MLflow run.
+    c = tracking.client(uri)
+    curves = {k: {m.step: m.value for m in c.get_metric_history(run_id, k)} for k in ("loss", "val_loss")}
+    history = [
+        {"step": st, "loss": v, **({"val_loss": curves["val_loss"][st]} if st in curves["val_loss"] else {})}
+        for st, v in sorted(curves["loss"].items())
+    ]
+    if _plot_history(history or result.history, out / "loss_curve.png"):
         tracking.log_artifact(uri, run_id, out / "loss_curve.png")
 
     evaluation: dict[str, Any] = {}
