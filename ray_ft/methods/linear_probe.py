@@ -45,7 +45,8 @@ class LinearProbeMethodConfig(MethodConfig):
     pooling: Literal["mean", "last"] = "mean"
     """``mean``: average over the text's tokens; ``last``: the hidden state of its last token."""
     layer: int = -1
-    """Hidden layer to read (``-1``: the final, normalised one; ``k``: the output of decoder layer ``k``)."""
+    """Hidden layer to read: ``-1`` the final, normalised one; ``k`` the output of decoder layer ``k`` (``0``: the
+    embeddings). Middle layers often pool better features than the last."""
     feature_batch_size: int = 16
     """Texts per forward pass of the frozen model."""
     feature_workers: int | None = None
@@ -84,6 +85,18 @@ def load_backbone(
     model = load_causal_lm(model_dir, dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     model.requires_grad_(False)
     return model.eval()
+
+
+def check_layer(cfg: ExperimentConfig, model_dir: str) -> None:
+    """Refuse a ``method.layer`` the model does not have (before any actor starts)."""
+    from transformers import AutoConfig
+
+    depth = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code).num_hidden_layers
+    if not -1 <= cfg.method.layer <= depth:
+        raise ValueError(
+            f"method.layer: {cfg.method.layer} is not a layer of {model_dir} ({depth} decoder layers: use -1 "
+            f"for the final one, or 0..{depth})"
+        )
 
 
 class FeatureExtractor:
@@ -389,6 +402,7 @@ class LinearProbeMethod:
         from ray_ft.tracking import StepLogger
         from ray_ft.train import fit, init_ray
 
+        check_layer(cfg, model_dir)
         init_ray(cfg)
         labels = sorted({str(r["label"]) for r in [*train_records, *val_records]})
         label_id = {label: i for i, label in enumerate(labels)}

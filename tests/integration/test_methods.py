@@ -125,6 +125,7 @@ def test_linear_probe_features_head_export_classify_and_eval(ray_local, tiny_mod
             "train.log_every": 5,
             "data.max_length": 128,
             "method.feature_workers": 2,
+            "method.layer": 1,
             "eval.max_examples": 64,
         },
     )
@@ -152,7 +153,7 @@ def test_linear_probe_features_head_export_classify_and_eval(ray_local, tiny_mod
     assert {"tokens_per_s", "feature_s", "val_accuracy", "loss", "eval.tuned.validation.macro_f1"} <= set(
         run.data.metrics
     )
-    assert {"export", "trainable", "eval.json", "confusion_matrix.png"} <= artifacts
+    assert {"export", "trainable", "eval.json", "confusion_matrix.png", "loss_curve.png"} <= artifacts
 
     capsys.readouterr()
     texts = [rows[0]["text"], "Tôi muốn đổi size áo vừa mua."]

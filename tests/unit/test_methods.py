@@ -362,3 +362,12 @@ def test_compare_table_has_one_row_per_method_and_marks_failures():
     assert len(lines) == 5 and len({line.count("|") for line in lines}) == 1
     assert "4,884,480" in lines[2] and "ROUGE-L" in lines[2] and "| – |" in lines[2]
     assert "0.500 / 0.500" in lines[3] and "failed: ValueError: boom" in lines[4]
+
+
+def test_probe_refuses_a_layer_the_model_does_not_have(tiny_model_dir):
+    from ray_ft.methods.linear_probe import check_layer
+
+    cfg = _cfg(tiny_model_dir, **{"method.name": "linear_probe", "method.layer": 15})
+    with pytest.raises(ValueError, match=r"method.layer: 15 is not a layer of .* \(2 decoder layers"):
+        check_layer(cfg, str(tiny_model_dir))
+    check_layer(_cfg(tiny_model_dir, **{"method.name": "linear_probe", "method.layer": 2}), str(tiny_model_dir))
