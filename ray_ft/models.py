@@ -150,5 +150,24 @@ def load_causal_lm(
         raise
 
 
+def load_base_for_training(cfg, model_dir: str, device: torch.device, *, input_grads: bool = True):
+    """The base causal LM in the training dtype, with gradient checkpointing when ``train`` asks for it.
+
+    ``input_grads`` makes embedding outputs require grad, which checkpointed layers need when the embeddings
+    themselves are frozen (LoRA); prompt tuning's trainable prompt already provides it.
+    """
+    model = load_causal_lm(
+        model_dir,
+        torch_dtype(cfg.model, device.type == "cuda"),
+        trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle=cfg.model.allow_pickle,
+    )
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if input_grads:
+            model.enable_input_require_grads()
+    return model
+
+
 def default_lora_targets(model) -> list[str] | str:
     return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")

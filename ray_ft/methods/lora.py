@@ -14,7 +14,7 @@ import torch
 
 from ray_ft.config import ExperimentConfig, MethodConfig
 from ray_ft.methods import register_method
-from ray_ft.models import default_lora_targets, load_causal_lm, load_tokenizer, torch_dtype
+from ray_ft.models import default_lora_targets, load_base_for_training, load_causal_lm, load_tokenizer
 
 
 class LoraMethodConfig(MethodConfig):
@@ -83,15 +83,7 @@ class LoraMethod:
     def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device):
         from peft import get_peft_model
 
-        model = load_causal_lm(
-            model_dir,
-            torch_dtype(cfg.model, device.type == "cuda"),
-            trust_remote_code=cfg.model.trust_remote_code,
-            allow_pickle=cfg.model.allow_pickle,
-        )
-        if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+        model = load_base_for_training(cfg, model_dir, device)
         return get_peft_model(model, lora_config(cfg.method, model))
 
     def save_trainable(self, model, path: Path, tokenizer) -> None:

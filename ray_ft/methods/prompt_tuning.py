@@ -18,7 +18,7 @@ import torch
 
 from ray_ft.config import ExperimentConfig, MethodConfig, ModelConfig
 from ray_ft.methods import register_method
-from ray_ft.models import load_causal_lm, load_tokenizer, resolve_model_dir, torch_dtype
+from ray_ft.models import load_base_for_training, load_causal_lm, load_tokenizer, resolve_model_dir
 
 
 class PromptTuningMethodConfig(MethodConfig):
@@ -119,14 +119,7 @@ class PromptTuningMethod:
     def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device):
         from peft import get_peft_model
 
-        model = load_causal_lm(
-            model_dir,
-            torch_dtype(cfg.model, device.type == "cuda"),
-            trust_remote_code=cfg.model.trust_remote_code,
-            allow_pickle=cfg.model.allow_pickle,
-        )
-        if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = load_base_for_training(cfg, model_dir, device, input_grads=False)
         return get_peft_model(model, self.peft_config(cfg, model_dir))
 
     def save_trainable(self, model, path: Path, tokenizer) -> None:
