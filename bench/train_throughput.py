@@ -2,8 +2,11 @@
 
 1. ``seed``: the seed tutorial's recipe — Hugging Face ``Trainer`` + PEFT LoRA (r=8, alpha=32), every example
    padded to 512 tokens, batch 2 x gradient accumulation 8, gradient checkpointing, fp32;
-2. ``ray``: ray-ft's LoRA path through the full Ray Train + DeepSpeed stack (``scaling.num_workers`` workers);
-3. ``bare``: the same ray-ft step loop without Ray (Ray Train local mode, one process).
+2. ``hf``: Hugging Face ``Trainer`` + PEFT given ray-ft's data handling and settings (same encoded examples,
+   dynamic padding, length grouping, LoRA config and global batch) in one process — the fair baseline;
+3. ``ray``: ray-ft's LoRA path through the full Ray Train + DeepSpeed stack (``scaling.num_workers`` workers);
+4. ``ray1`` + ``bare``: one Ray Train worker vs the same ray-ft step loop without Ray (local mode, one
+   process), which isolates Ray's own overhead.
 
 Each variant runs in its own process (clean peak memory). Throughput is steady state: the first optimizer step
 is excluded. MFU uses the 6·N·tokens convention (N = all parameters, frozen ones included, useful tokens only);
@@ -73,16 +76,44 @@ def prepare_model(shape: str, workdir: Path) -> str:
     return str(out)
 
 
+def _time_hf_trainer(model, rows, collator, steps: int, gpu: bool, batch: int, accum: int, group: bool) -> float:
+    """Run HF ``Trainer`` for ``steps`` optimizer steps; steady samples/s (first step excluded)."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if gpu:
+                torch.cuda.synchronize()
+            ends.append(time.time())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
+            max_steps=steps,
+            learning_rate=2e-4,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=not gpu,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            group_by_length=group,
+            remove_unused_columns=False,
+        )
+        Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Clock()]).train()
+    return batch * accum * (len(ends) - 1) / (ends[-1] - ends[0])
+
+
 def run_seed(model_dir: str, data: str, steps: int, gpu: bool) -> dict:
+    """The seed tutorial: pad to 512, batch 2 x accumulation 8, gradient checkpointing, fp32, r=8."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        DataCollatorForLanguageModeling,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
 
     from ray_ft.data import read_jsonl
     from ray_ft.models import load_tokenizer
@@ -100,36 +131,33 @@ def run_seed(model_dir: str, data: str, steps: int, gpu: bool) -> dict:
     model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
     )
-    ends: list[float] = []
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    samples_per_s = _time_hf_trainer(model, rows, collator, steps, gpu, batch=2, accum=8, group=False)
+    return {"samples_per_s": samples_per_s, "useful_tokens_per_s": samples_per_s * useful, "peak_mem_mb": _peak_mb(gpu)}
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if gpu:
-                torch.cuda.synchronize()
-            ends.append(time.time())
 
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=2,
-            gradient_accumulation_steps=8,
-            max_steps=steps,
-            learning_rate=2e-4,
-            logging_steps=1,
-            report_to=[],
-            save_strategy="no",
-            use_cpu=not gpu,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        Trainer(
-            model=model,
-            args=args,
-            train_dataset=rows,
-            data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-            callbacks=[Clock()],
-        ).train()
-    samples_per_s = 16 * (len(ends) - 1) / (ends[-1] - ends[0])
+def run_hf(model_dir: str, data: str, steps: int, gpu: bool, workers: int) -> dict:
+    """HF ``Trainer`` + PEFT given ray-ft's own data and settings: the same encoded examples (dynamic padding,
+    length grouping, answer-only loss), the same LoRA config and global batch, one process using every core."""
+    import torch
+    from peft import get_peft_model
+
+    from ray_ft.config import load_config
+    from ray_ft.data import PromptFormat, collate, encode_generation, read_jsonl
+    from ray_ft.methods.lora import lora_config
+    from ray_ft.models import load_base_for_training, load_tokenizer
+
+    cfg = load_config(REPO / "jobs/lora.yaml", [f"model.name_or_path={model_dir}", f"data.path={data}"])
+    tok = load_tokenizer(model_dir)
+    fmt = PromptFormat.from_config(cfg.data)
+    rows = [encode_generation(r, tok, fmt, cfg.data.max_length) for r in read_jsonl(data).records]
+    useful = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    base = load_base_for_training(cfg, model_dir, torch.device("cuda" if gpu else "cpu"))
+    model = get_peft_model(base, lora_config(cfg.method, base))
+    batch = cfg.train.batch_size * max(workers, 1)
+    samples_per_s = _time_hf_trainer(
+        model, rows, lambda b: collate(b, tok.pad_token_id), steps, gpu, batch=batch, accum=1, group=True
+    )
     return {"samples_per_s": samples_per_s, "useful_tokens_per_s": samples_per_s * useful, "peak_mem_mb": _peak_mb(gpu)}
 
 
@@ -191,7 +219,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: GPUs, or 2 on CPU)")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
-    p.add_argument("--variants", default="seed,ray,bare")
+    p.add_argument("--variants", default="seed,hf,ray,bare")
     p.add_argument("--ray-ft-args", nargs="*", default=[], help="extra key=value overrides for the ray-ft runs")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -200,9 +228,11 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
 
     if args.variant:  # child process: one variant, JSON on the last line
-        workers = {"seed": 0, "ray": args.workers, "ray1": 1, "bare": 0}[args.variant]
+        workers = {"seed": 0, "hf": 0, "ray": args.workers, "ray1": 1, "bare": 0}[args.variant]
         if args.variant == "seed":
             out = run_seed(args.model_dir, args.data, args.steps, args.gpu)
+        elif args.variant == "hf":
+            out = run_hf(args.model_dir, args.data, args.steps, args.gpu, args.workers)
         else:
             out = run_ray_ft(args.model_dir, args.data, args.steps, args.gpu, workers, args.ray_ft_args)
         print("RESULT " + json.dumps(out))
@@ -273,6 +303,9 @@ def main() -> None:
     if {"ray", "seed"} <= set(results):
         tok_ratio = results["ray"]["useful_tokens_per_s"] / results["seed"]["useful_tokens_per_s"]
         print(f"useful tokens/s ray-ft / seed recipe: {tok_ratio:.2f}x")
+    if {"ray", "hf"} <= set(results):
+        hf_ratio = results["ray"]["useful_tokens_per_s"] / results["hf"]["useful_tokens_per_s"]
+        print(f"useful tokens/s ray-ft / HF Trainer with the same data and padding: {hf_ratio:.2f}x")
     print(f"speedup_vs_seed_recipe={speedup:.2f} ray_overhead={overhead:.3f}")
 
 

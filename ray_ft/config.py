@@ -58,6 +58,15 @@ class DataConfig(StrictModel):
     """Longest sequence kept (longer ones are truncated from the left of the prompt)."""
     dedupe: bool = True
     seed: int = 42
+    limit: int | None = None
+    """Use a seeded random sample of this many examples (after validation and cleaning), e.g. for quick runs."""
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1")
+        return v
 
     @field_validator("template")
     @classmethod
@@ -100,6 +109,9 @@ class TrainConfig(StrictModel):
     """Steps between validation passes (and checkpoints); default: once per epoch."""
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
+    packing: bool = False
+    """Pack each micro-batch into one row without padding: position ids restart per example and attention
+    stays within each example (a block-diagonal causal mask; varlen kernels with flash attention)."""
 
     @field_validator("batch_size", "grad_accum", "log_every", "keep_checkpoints")
     @classmethod

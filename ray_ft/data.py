@@ -188,12 +188,14 @@ def _clean_record(obj: dict[str, Any], fmt: str) -> dict[str, Any]:
     return {k: clean_text(v) if isinstance(v, str) else v for k, v in obj.items()}
 
 
-def split(records: list[dict[str, Any]], val_fraction: float, seed: int) -> tuple[list, list]:
-    """Shuffle with a fixed seed and hold out ``val_fraction`` (at least one example when > 0)."""
+def split(records: list[dict[str, Any]], val_fraction: float, seed: int, limit: int | None = None) -> tuple[list, list]:
+    """Shuffle with a fixed seed, keep the first ``limit`` (all when ``None``), and hold out ``val_fraction``
+    of those (at least one example when > 0)."""
     idx = list(range(len(records)))
     random.Random(seed).shuffle(idx)
-    n_val = round(len(records) * val_fraction)
-    if val_fraction > 0 and len(records) >= 2:
+    idx = idx[:limit]
+    n_val = round(len(idx) * val_fraction)
+    if val_fraction > 0 and len(idx) >= 2:
         n_val = max(1, n_val)
     val = [records[i] for i in idx[:n_val]]
     train = [records[i] for i in idx[n_val:]]
@@ -267,6 +269,30 @@ def encode_generation(rec: dict[str, Any], tokenizer, fmt: PromptFormat, max_len
         "input_ids": prompt_ids + answer_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
     }
+
+
+def pack(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Concatenate a micro-batch into one row with no padding.
+
+    ``position_ids`` restart at 0 for every example; with no ``attention_mask``, transformers derives a
+    block-diagonal causal mask from them, so no token attends across an example boundary. Each example's first
+    label is a prompt token (ignored), so no loss is taken across a boundary either.
+    """
+    ids = [t for b in batch for t in b["input_ids"]]
+    labels = [t for b in batch for t in b["labels"]]
+    positions = [i for b in batch for i in range(len(b["input_ids"]))]
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+    }
+
+
+def batch_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """``(tokens, examples)`` in a padded or packed micro-batch (padding not counted)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum()), int(batch["input_ids"].shape[0])
+    return int(batch["input_ids"].numel()), int((batch["position_ids"] == 0).sum())
 
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -50,7 +50,7 @@ def load_dataset(cfg: ExperimentConfig) -> tuple[Dataset, list[dict], list[dict]
     if (ds.format == "classification") != (task == "classification"):
         want = "classification ({text, label})" if task == "classification" else "qa, io or chat"
         raise JobError(f"{cfg.data.path}: method {cfg.method.name!r} needs {want} data, got {ds.format!r}")
-    train, val = split(ds.records, cfg.data.val_fraction, cfg.data.seed)
+    train, val = split(ds.records, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
     return ds, train, val
 
 
@@ -109,6 +109,7 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str
     print(
         f"[ray-ft] data {ds.path}: {ds.format}, {ds.stats['examples']} examples "
         f"({ds.stats['duplicates_dropped']} duplicates dropped, {ds.stats['normalized']} normalised); "
+        f"{f'a seeded sample of {len(train) + len(val)}; ' if cfg.data.limit else ''}"
         f"train {len(train)}, validation {len(val)}",
         flush=True,
     )

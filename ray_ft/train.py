@@ -6,6 +6,7 @@ driver that validates inputs, builds the ``TorchTrainer``, and returns the final
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -16,8 +17,16 @@ from typing import Any
 
 import torch
 
-from ray_ft.config import ExperimentConfig
-from ray_ft.data import PromptFormat, collate, encode_generation, length_grouped_batches
+from ray_ft.config import ConfigError, ExperimentConfig
+from ray_ft.data import (
+    IGNORE_INDEX,
+    PromptFormat,
+    batch_counts,
+    collate,
+    encode_generation,
+    length_grouped_batches,
+    pack,
+)
 from ray_ft.methods import get_method
 
 TRAINABLE_DIR = "trainable"
@@ -76,9 +85,11 @@ def plan_steps(cfg: ExperimentConfig, n_train: int, world_size: int) -> tuple[in
 class _Batches:
     """Deterministic per-rank micro-batches, indexable by global micro-step (so resume is exact)."""
 
-    def __init__(self, encoded: list[dict], batch_size: int, rank: int, world: int, seed: int, pad_id: int):
+    def __init__(
+        self, encoded: list[dict], batch_size: int, rank: int, world: int, seed: int, pad_id: int, packed: bool
+    ):
         self.encoded, self.batch_size, self.rank, self.world = encoded, batch_size, rank, world
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.pad_id, self.packed = seed, pad_id, packed
         self._epoch, self._mine = -1, []
         lengths = [len(e["input_ids"]) for e in encoded]
         self.per_epoch = max(1, len(length_grouped_batches(lengths, batch_size * world, seed)))
@@ -94,7 +105,8 @@ class _Batches:
                 g = (g * self.world)[: self.batch_size * self.world] if len(g) < self.world else g
                 self._mine.append(g[self.rank :: self.world])
             self._epoch = epoch
-        return collate([self.encoded[j] for j in self._mine[i]], self.pad_id)
+        examples = [self.encoded[j] for j in self._mine[i]]
+        return pack(examples) if self.packed else collate(examples, self.pad_id)
 
 
 def _all_reduce(values: list[float]) -> list[float]:
@@ -139,20 +151,65 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def answer_only_logits(model) -> bool:
+    """Whether :func:`causal_lm_loss` may project only the positions that carry a label.
+
+    Needs a forward that takes ``logits_to_keep``; prompt learning prepends virtual tokens, which shifts the
+    positions, so it keeps the model's own loss.
+    """
+    import inspect
+
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], answer_only: bool) -> torch.Tensor:
+    """Mean next-token loss over labelled tokens (the model's own loss, same value).
+
+    With ``answer_only`` the vocabulary projection and softmax run only at positions whose next token is
+    labelled (answers), not at prompt and padding positions: with a large vocabulary this is a good part of a
+    step on CPU and of activation memory everywhere.
+    """
+    if not answer_only:
+        return model(**batch, use_cache=False).loss
+    targets = batch["labels"][:, 1:]
+    keep = torch.nonzero((targets != IGNORE_INDEX).any(0)).flatten()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
 @torch.no_grad()
-def _validation_loss(engine, batches: list[dict[str, torch.Tensor]], device) -> float:
+def _validation_loss(engine, batches: list[dict[str, torch.Tensor]], device, answer_only: bool) -> float:
     engine.eval()
     total = count = 0.0
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
-        out = engine(**b)
-        n = float((b["labels"][:, 1:] != -100).sum())
+        loss = causal_lm_loss(engine, b, answer_only)
+        n = float((b["labels"][:, 1:] != IGNORE_INDEX).sum())
         if n:  # a filler batch (see train_fn_per_worker) runs the forward but counts for nothing
-            total += out.loss.item() * n
+            total += loss.item() * n
             count += n
     engine.train()
     total, count = _all_reduce([total, count])
     return total / max(count, 1.0)
+
+
+def _quiet_report_log() -> None:
+    """Silence Ray Train's per-report INFO line (it dumps every metrics dict next to the progress line).
+
+    Its logger is named after the module's file path, so ``LoggingConfig(log_level=...)`` does not reach it.
+    """
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray without Train V2 internals at that path: keep its default logging
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -166,6 +223,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = ExperimentConfig.model_validate(loop_config["config"])
+    _quiet_report_log()
     _ensure_process_group()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -223,8 +281,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     if logger is not None:
         # ZeRO-3 has partitioned the parameters by now; ``ds_numel`` is the full size.
         logger.log({"trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainable)}, step=start_step)
-    batches = _Batches(train_enc, cfg.train.batch_size, rank, world, cfg.train.seed, tokenizer.pad_token_id)
+    batches = _Batches(
+        train_enc, cfg.train.batch_size, rank, world, cfg.train.seed, tokenizer.pad_token_id, cfg.train.packing
+    )
     eval_every = cfg.train.eval_every or steps_per_epoch
+    answer_only = answer_only_logits(engine.module)
     accum = cfg.train.grad_accum
     engine.train()
     t_start, tokens_since, t_last = time.time(), 0.0, time.time()
@@ -235,12 +296,13 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         tokens = samples = 0
         for micro in range(accum):
             batch = {k: v.to(device) for k, v in batches.get(step * accum + micro).items()}
-            loss = engine(**batch).loss
+            loss = causal_lm_loss(engine, batch, answer_only)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
-            samples += int(batch["input_ids"].shape[0])
+            n_tokens, n_examples = batch_counts(batch)
+            tokens += n_tokens
+            samples += n_examples
         loss_mean, tokens_all, samples_all = _all_reduce([loss_sum / accum, float(tokens), float(samples)])
         loss_mean /= world
         tokens_since += tokens_all
@@ -268,7 +330,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["steady_tokens_per_s"] = steady["tokens"] / elapsed_steady
             metrics["steady_samples_per_s"] = steady["samples"] / elapsed_steady
         if is_eval and val_enc:
-            metrics["val_loss"] = _validation_loss(engine, val_batches, device)
+            metrics["val_loss"] = _validation_loss(engine, val_batches, device, answer_only)
         if rank == 0:
             eta = (time.time() - t_start) / (done - start_step) * (total_steps - done)
             line = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in PROGRESS_KEYS)
@@ -396,6 +458,38 @@ def _local_checkpoint_dir(checkpoint) -> str | None:
     return checkpoint.to_directory(tempfile.mkdtemp(prefix="ray-ft-checkpoint-"))
 
 
+def check_packing(model_dir: str, trust_remote_code: bool = False) -> None:
+    """Refuse ``train.packing`` for an architecture whose examples would see each other once packed.
+
+    Packing relies on the model building its attention mask from ``position_ids`` (transformers does this for
+    most decoder LMs when no ``attention_mask`` is given). This is checked, not assumed: a one-layer random
+    instance of the model's own architecture must give an example the same logits alone and packed behind another.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, num_hidden_layers=1)
+    refusal = f"train.packing: model type {config.model_type!r}"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).eval()
+    vocab = min(int(config.vocab_size), 1000)
+    first, second = torch.randint(vocab, (1, 12)), torch.randint(vocab, (1, 9))
+    positions = torch.cat([torch.arange(12), torch.arange(9)]).unsqueeze(0)
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=second, use_cache=False).logits[0]
+            packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError([f"{refusal} cannot take packed sequences ({e}); set train.packing=false"]) from e
+    leak = float((packed.logits[0, 12:] - alone).abs().max() / alone.abs().max().clamp_min(1e-6))
+    if leak > 1e-4:  # float32 round-off is ~1e-7
+        raise ConfigError(
+            [
+                f"{refusal} lets packed examples attend to each other (relative logit change {leak:.2g}); "
+                "set train.packing=false for this model"
+            ]
+        )
+
+
 def fit(
     cfg: ExperimentConfig,
     model_dir: str,
@@ -410,6 +504,8 @@ def fit(
 
     ``train_fn`` and ``extra_loop_config`` let a method run its own worker loop with extra inputs.
     """
+    if cfg.train.packing:
+        check_packing(model_dir, cfg.model.trust_remote_code)
     init_ray(cfg)
     history = _History()
     loop_config = {

@@ -101,9 +101,13 @@ def tiny_overrides(model_dir: Path, data: Path, out: Path, mlflow: Path, **extra
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray runtime with more logical CPUs than cores (driver + workers fit on 2 cores)."""
+    """A real local Ray runtime with more logical CPUs than cores (driver + workers fit on 2 cores).
+
+    Yields the ``RayContext``; ``f"http://{ctx.dashboard_url}"`` is this Ray's state API (pass it
+    explicitly: other Ray instances may run on the same machine).
+    """
     import ray
 
-    ray.init(num_cpus=4, log_to_driver=True)
-    yield ray
+    ctx = ray.init(num_cpus=4, log_to_driver=True, include_dashboard=True)
+    yield ctx
     ray.shutdown()

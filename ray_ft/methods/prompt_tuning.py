@@ -99,6 +99,8 @@ class PromptTuningMethod:
                 f"method.num_virtual_tokens ({m.num_virtual_tokens}) must be smaller than data.max_length "
                 f"({cfg.data.max_length})"
             )
+        if cfg.train.packing:
+            raise ValueError("train.packing does not work with prompt tuning (the virtual tokens lead every example)")
         if m.init == "text" and not m.init_text.strip():
             raise ValueError("method.init_text must be non-empty when method.init is 'text'")
 

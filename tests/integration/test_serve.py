@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -367,6 +368,76 @@ def test_200_concurrent_requests_no_server_errors(base_url):
     assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
 
 
+SOAK_VALID = [
+    ("/v1/completions", {"prompt": "Human: LoRA là gì? Assistant:", "max_tokens": 4}, False),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "QLoRA là gì?"}], "max_tokens": 4}, False),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Prompt tuning?"}], "max_tokens": 4, "stream": True},
+        True,
+    ),
+]
+SOAK_INVALID = [(path, body, headers, status) for path, body, headers, status, _ in BAD_REQUESTS] + [
+    ("/v1/completions", b"prompt=hi", {"content-type": "application/x-www-form-urlencoded"}, 415),
+    ("/v1/completions", b'{"prompt": "hi"', None, 400),  # truncated JSON
+    ("/v1/completions", b"\xff\xfe{}", None, 400),  # not UTF-8
+    ("/v1/chat/completions", b"null", None, 400),
+]
+
+
+async def _soak(url: str, total: int, concurrency: int) -> list[str]:
+    """``total`` requests, half valid and half invalid, shuffled; returns one line per unexpected answer."""
+    rng = random.Random(0)
+    cases = [
+        ("valid", *SOAK_VALID[i % len(SOAK_VALID)]) if i % 2 == 0 else ("invalid", *SOAK_INVALID[i % len(SOAK_INVALID)])
+        for i in range(total)
+    ]
+    rng.shuffle(cases)
+    semaphore = asyncio.Semaphore(concurrency)
+    problems: list[str] = []
+    answered = 0
+
+    async def one(client: httpx.AsyncClient, case: tuple) -> None:
+        nonlocal answered
+        async with semaphore:
+            if case[0] == "valid":
+                _, path, body, stream = case
+                if stream:
+                    async with client.stream("POST", path, json=body) as response:
+                        text = "".join([line async for line in response.aiter_lines()])
+                    ok = response.status_code == 200 and text.rstrip().endswith("[DONE]")
+                else:
+                    response = await client.post(path, json=body)
+                    ok = response.status_code == 200
+                expected = 200
+            else:
+                _, path, body, headers, expected = case
+                if isinstance(body, bytes):
+                    headers = headers or {"content-type": "application/json"}
+                    response = await client.post(path, content=body, headers=headers)
+                else:
+                    response = await client.post(path, json=body, headers=headers)
+                ok = response.status_code == expected
+            answered += 1
+            if not ok:
+                problems.append(f"{path} {str(body)[:60]!r}: expected {expected}, got {response.status_code}")
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(120.0), limits=limits) as client:
+        await asyncio.gather(*(one(client, case) for case in cases))
+    assert answered == total
+    return problems
+
+
+def test_1000_mixed_valid_and_invalid_requests_never_5xx(base_url):
+    """Valid bodies get 200, each invalid one its own 4xx (never a 5xx), and the endpoint stays healthy."""
+    problems = asyncio.run(_soak(base_url, total=1000, concurrency=16))
+    assert problems == [], "\n".join(problems[:20])
+    assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+    ok = httpx.post(f"{base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
 def running_replicas(app: str) -> int:
     from ray import serve
 
@@ -474,3 +545,45 @@ def test_cli_serves_until_sigterm_and_exits_zero(artifact, tmp_path):
     assert "[ray-ft] stopped" in output
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=5)
+
+
+def replica_pids(state_api: str, app: str) -> dict[str, int]:
+    """Alive replica actors of ``app`` -> their process ids (from Ray's state API)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=state_api, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    return {a.actor_id: a.pid for a in actors if a.class_name == f"ServeReplica:{app}:ModelServer"}
+
+
+def test_killed_replica_is_replaced_and_requests_recover(artifact, serve_port, ray_local):
+    """SIGKILL one of two replicas: the other keeps answering, Serve starts a replacement, no redeploy."""
+    from ray import serve
+
+    state_api = f"http://{ray_local.dashboard_url}"
+    deploy(artifact, "fragile", "/fragile", min_replicas=2, max_replicas=2)
+    url = f"http://127.0.0.1:{serve_port}/fragile"
+    body = {"prompt": "Human: LoRA là gì? Assistant:", "max_tokens": 4}
+    try:
+        wait_until(lambda: running_replicas("fragile") == 2, 120, "two running replicas")
+        before = wait_until(lambda: len(pids := replica_pids(state_api, "fragile")) == 2 and pids, 30, "replica pids")
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+
+        victim_id, victim_pid = next(iter(before.items()))
+        os.kill(victim_pid, signal.SIGKILL)
+        statuses: list[int] = []
+
+        def replaced() -> bool:
+            statuses.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code)
+            now = replica_pids(state_api, "fragile")
+            return victim_id not in now and len(now) == 2 and running_replicas("fragile") == 2
+
+        wait_until(replaced, 180, "a replacement replica")
+        after = replica_pids(state_api, "fragile")
+        assert victim_pid not in after.values() and set(after) - set(before), (before, after)
+        # At most the request that was on the killed replica fails; everything else is answered.
+        assert sum(s != 200 for s in statuses) <= 1, statuses
+        recovered = [httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code for _ in range(10)]
+        assert recovered == [200] * 10
+        assert serve.status().applications["fragile"].status == "RUNNING"
+    finally:
+        serve.delete("fragile")

@@ -104,6 +104,9 @@ def test_split_is_deterministic_and_disjoint():
     t2, v2 = split(records, 0.2, seed=1)
     assert (t1, v1) == (t2, v2) and len(v1) == 4 and len(t1) == 16
     assert not {r["question"] for r in t1} & {r["question"] for r in v1}
+    t3, v3 = split(records, 0.2, seed=1, limit=10)
+    assert len(t3) == 8 and len(v3) == 2 and (t3, v3) == split(records, 0.2, seed=1, limit=10)
+    assert {r["question"] for r in t3 + v3} < {r["question"] for r in records}
 
 
 def test_loss_only_on_answer_tokens(tiny_model_dir):
