@@ -102,7 +102,7 @@ def _time_hf_trainer(model, rows, collator, steps: int, gpu: bool, batch: int, a
             use_cpu=not gpu,
             dataloader_num_workers=0,
             disable_tqdm=True,
-            group_by_length=group,
+            train_sampling_strategy="group_by_length" if group else "random",
             remove_unused_columns=False,
         )
         Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Clock()]).train()
@@ -136,7 +136,7 @@ def run_seed(model_dir: str, data: str, steps: int, gpu: bool) -> dict:
     return {"samples_per_s": samples_per_s, "useful_tokens_per_s": samples_per_s * useful, "peak_mem_mb": _peak_mb(gpu)}
 
 
-def run_hf(model_dir: str, data: str, steps: int, gpu: bool, workers: int) -> dict:
+def run_hf(model_dir: str, data: str, steps: int, gpu: bool, workers: int, extra: list[str]) -> dict:
     """HF ``Trainer`` + PEFT given ray-ft's own data and settings: the same encoded examples (dynamic padding,
     length grouping, answer-only loss), the same LoRA config and global batch, one process using every core."""
     import torch
@@ -147,7 +147,7 @@ def run_hf(model_dir: str, data: str, steps: int, gpu: bool, workers: int) -> di
     from ray_ft.methods.lora import lora_config
     from ray_ft.models import load_base_for_training, load_tokenizer
 
-    cfg = load_config(REPO / "jobs/lora.yaml", [f"model.name_or_path={model_dir}", f"data.path={data}"])
+    cfg = load_config(REPO / "jobs/lora.yaml", [f"model.name_or_path={model_dir}", f"data.path={data}", *extra])
     tok = load_tokenizer(model_dir)
     fmt = PromptFormat.from_config(cfg.data)
     rows = [encode_generation(r, tok, fmt, cfg.data.max_length) for r in read_jsonl(data).records]
@@ -216,6 +216,9 @@ def main() -> None:
     p.add_argument("--shape", default="embedded", choices=["embedded", *SHAPES])
     p.add_argument("--data", default=str(REPO / "ray_ft/datasets/vi_ai_qa.jsonl"))
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per variant (the first is warm-up)")
+    p.add_argument(
+        "--seed-steps", type=int, default=None, help="steps for the seed recipe (default --steps; its steps are long)"
+    )
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: GPUs, or 2 on CPU)")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
@@ -232,7 +235,7 @@ def main() -> None:
         if args.variant == "seed":
             out = run_seed(args.model_dir, args.data, args.steps, args.gpu)
         elif args.variant == "hf":
-            out = run_hf(args.model_dir, args.data, args.steps, args.gpu, args.workers)
+            out = run_hf(args.model_dir, args.data, args.steps, args.gpu, args.workers, args.ray_ft_args)
         else:
             out = run_ray_ft(args.model_dir, args.data, args.steps, args.gpu, workers, args.ray_ft_args)
         print("RESULT " + json.dumps(out))
@@ -260,7 +263,7 @@ def main() -> None:
             "--data",
             args.data,
             "--steps",
-            str(args.steps),
+            str(args.seed_steps or args.steps if variant == "seed" else args.steps),
             "--workers",
             str(args.workers),
             *(["--gpu"] if args.gpu else []),

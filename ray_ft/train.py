@@ -337,26 +337,53 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[ray-ft] step {done}/{total_steps} epoch {metrics['epoch']:.2f} {line} eta {eta:.0f}s", flush=True)
             logger.log({k: v for k, v in metrics.items() if k != "step"}, step=done)
         if is_eval:
-            _report_with_checkpoint(engine, method, tokenizer, metrics, rank, done)
+            _report_with_checkpoint(engine, method, tokenizer, metrics, rank, done, cfg)
         elif done % cfg.train.log_every == 0:
             ray.train.report(metrics)
 
 
-def _report_with_checkpoint(engine, method, tokenizer, metrics: dict[str, Any], rank: int, step: int) -> None:
-    """Save DeepSpeed state on every rank (+ the trained parameters on rank 0) and report it."""
+def _report_with_checkpoint(
+    engine, method, tokenizer, metrics: dict[str, Any], rank: int, step: int, cfg: ExperimentConfig
+) -> None:
+    """Save DeepSpeed state on every rank (+ the trained parameters on rank 0) and report it.
+
+    Ray Train persists a reported checkpoint into the run's storage. Local mode (``scaling.num_workers=0``) does
+    not, so there the checkpoint is written straight into the same place and the oldest beyond
+    ``train.keep_checkpoints`` are removed.
+    """
+    import ray.train
+
+    if cfg.scaling.num_workers > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            _save_checkpoint(engine, method, tokenizer, metrics, rank, step, Path(tmp))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        return
+    import shutil
+
+    root = Path(storage_path(cfg)) / run_name(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint_local_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    _save_checkpoint(engine, method, tokenizer, metrics, rank, step, tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+    for old in sorted(root.glob("checkpoint_local_*"))[: -cfg.train.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_checkpoint(engine, method, tokenizer, metrics: dict[str, Any], rank: int, step: int, out: Path) -> None:
     import json
 
     import deepspeed
-    import ray.train
 
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag="ds", client_state={"step": step}, exclude_frozen_parameters=True)
-        params = [p for p in engine.module.parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
-            if rank == 0:
-                method.save_trainable(engine.module, Path(tmp) / TRAINABLE_DIR, tokenizer)
-                (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step, **metrics}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    engine.save_checkpoint(str(out), tag="ds", client_state={"step": step}, exclude_frozen_parameters=True)
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
+        if rank == 0:
+            method.save_trainable(engine.module, out / TRAINABLE_DIR, tokenizer)
+            (out / STATE_FILE).write_text(json.dumps({"step": step, **metrics}))
 
 
 # --------------------------------------------------------------------------- driver side

@@ -63,3 +63,21 @@ def test_zero3_trains_and_merges(ray_local, tiny_model_dir, qa_file, tmp_path, m
     s = run_training(load_config(REPO / "jobs/lora.yaml", ov))
     assert s.metrics["step"] == 2
     assert (out / "merged" / "model.safetensors").is_file()
+
+
+def test_local_mode_keeps_its_checkpoints_and_exports(ray_local, tiny_model_dir, qa_file, tmp_path, mlflow_dir):
+    """``scaling.num_workers=0`` runs the same loop in the driver; its checkpoints persist like Ray Train's."""
+    out = tmp_path / "local"
+    ov = tiny_overrides(
+        tiny_model_dir,
+        qa_file,
+        out,
+        mlflow_dir,
+        **{"scaling.num_workers": 0, "train.max_steps": 4, "train.eval_every": 2, "train.keep_checkpoints": 1},
+    )
+    result = run_training(load_config(REPO / "jobs/lora.yaml", ov))
+    assert result.metrics["step"] == 4
+    ckpts = sorted((out / "ray" / "local").glob("checkpoint_*"))
+    assert [c.name for c in ckpts] == ["checkpoint_local_000004"], ckpts
+    assert (ckpts[0] / "trainable").is_dir()
+    assert (out / "merged" / "MANIFEST.json").is_file()
