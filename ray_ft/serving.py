@@ -1114,7 +1114,8 @@ def parse_replicas(text: str) -> tuple[int, int]:
     return bounds
 
 
-def _check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``ValueError`` naming ``--port`` when ``host:port`` cannot be listened on."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -1139,7 +1140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "num_cpus": args.num_cpus,
     }
     app = build_app(parse_serve_args(fields, source="ray-ft serve"))
-    _check_port_free(args.host, args.port)
+    check_port_free(args.host, args.port)
 
     address = os.environ.get("RAY_ADDRESS")
     own_cluster = not address

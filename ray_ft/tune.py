@@ -739,45 +739,18 @@ def _deploy(model_dir: str, host: str, port: int) -> int:
 
     ray.shutdown()  # the search's Ray connection; serving starts or joins its own
     print(f"[ray-ft] deploying the best model {model_dir}", flush=True)
-    if hasattr(serving, "serve_forever"):
-        return serving.serve_forever(model_dir, host=host, port=port) or 0
     parser = argparse.ArgumentParser(prog="ray-ft")
     serving.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", model_dir, "--host", host, "--port", str(port)])
     return args.func(args)
 
 
-def _check_port_free(host: str, port: int) -> None:
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as e:
-            raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
-
-
-def _serving_available() -> bool:
-    try:
-        import ray_ft.serving  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != "ray_ft.serving":
-            raise
-        return False
-    return True
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.deploy:
-        if not _serving_available():
-            print(
-                "error: --deploy needs ray_ft.serving (Ray Serve deployment), which this installation lacks",
-                file=sys.stderr,
-            )
-            return 2
-        _check_port_free(args.host, args.port)  # refuse now rather than after the search
+        from ray_ft.serving import check_port_free
+
+        check_port_free(args.host, args.port)  # refuse now rather than after the search
     summary = run_search(cfg, resume=args.resume)
     again = ["ray-ft", "tune", args.config, *args.overrides, "--resume", *(["--deploy"] if args.deploy else [])]
     print_summary(summary, cfg.tune.metric, resume_command=" ".join(shlex.quote(a) for a in again))

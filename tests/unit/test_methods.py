@@ -202,10 +202,11 @@ def test_classification_metrics_match_scikit_learn():
     )
 
 
-def test_probe_classifier_predicts_labels_with_probabilities(tiny_model_dir, tmp_path):
+def _export_probe(tiny_model_dir, tmp_path, pooling: str):
+    """A linear-probe ``export`` artifact with an untrained 2-label head."""
     from ray_ft.methods.linear_probe import ProbeHead, save_head
 
-    info = {"labels": ["no", "yes"], "pooling": "last", "layer": -1, "max_length": 64, "hidden_size": 64}
+    info = {"labels": ["no", "yes"], "pooling": pooling, "layer": -1, "max_length": 64, "hidden_size": 64}
     save_head(ProbeHead(64, 2, info), tmp_path / "trainable")
     cfg = _cfg(tiny_model_dir, **{"method.name": "linear_probe"})
     meta = {
@@ -214,11 +215,15 @@ def test_probe_classifier_predicts_labels_with_probabilities(tiny_model_dir, tmp
         "artifact": "export",
         "base_model_dir": str(tiny_model_dir),
     }
-    out = write_artifact(
+    return write_artifact(
         tmp_path / "export",
         lambda d: get_method("linear_probe").export(cfg, str(tiny_model_dir), tmp_path / "trainable", d),
         meta,
     )
+
+
+def test_probe_classifier_predicts_labels_with_probabilities(tiny_model_dir, tmp_path):
+    out = _export_probe(tiny_model_dir, tmp_path, "last")
     clf = get_method("linear_probe").load_classifier(out, read_metadata(out))
     results = clf.predict(["LoRA là gì?", "  LoRA   là gì? ", "MLflow lưu những gì?"])
     assert [set(r) for r in results] == [{"label", "probabilities"}] * 3
@@ -230,22 +235,8 @@ def test_probe_classifier_predicts_labels_with_probabilities(tiny_model_dir, tmp
 
 def test_cli_eval_refuses_generation_data_for_a_classifier(tiny_model_dir, tmp_path, capsys):
     from ray_ft.cli import main
-    from ray_ft.methods.linear_probe import ProbeHead, save_head
 
-    info = {"labels": ["no", "yes"], "pooling": "mean", "layer": -1, "max_length": 64, "hidden_size": 64}
-    save_head(ProbeHead(64, 2, info), tmp_path / "trainable")
-    cfg = _cfg(tiny_model_dir, **{"method.name": "linear_probe"})
-    meta = {
-        "method": "linear_probe",
-        "task": "classification",
-        "artifact": "export",
-        "base_model_dir": str(tiny_model_dir),
-    }
-    out = write_artifact(
-        tmp_path / "export",
-        lambda d: get_method("linear_probe").export(cfg, str(tiny_model_dir), tmp_path / "trainable", d),
-        meta,
-    )
+    out = _export_probe(tiny_model_dir, tmp_path, "mean")
     qa = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
     assert main(["eval", str(out), str(qa)]) == 2
     assert "needs {text, label} data" in capsys.readouterr().err
