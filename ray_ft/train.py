@@ -200,7 +200,7 @@ def _validation_loss(engine, batches: list[dict[str, torch.Tensor]], device, ans
     return total / max(count, 1.0)
 
 
-def _quiet_report_log() -> None:
+def quiet_report_log() -> None:
     """Silence Ray Train's per-report INFO line (it dumps every metrics dict next to the progress line).
 
     Its logger is named after the module's file path, so ``LoggingConfig(log_level=...)`` does not reach it.
@@ -223,7 +223,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = ExperimentConfig.model_validate(loop_config["config"])
-    _quiet_report_log()
+    quiet_report_log()
     _ensure_process_group()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

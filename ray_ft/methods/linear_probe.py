@@ -224,9 +224,10 @@ def train_head_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from ray_ft.tracking import StepLogger
-    from ray_ft.train import STATE_FILE, TRAINABLE_DIR, _all_reduce, lr_lambda, plan_steps
+    from ray_ft.train import STATE_FILE, TRAINABLE_DIR, _all_reduce, lr_lambda, plan_steps, quiet_report_log
 
     cfg = ExperimentConfig.model_validate(loop_config["config"])
+    quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)
