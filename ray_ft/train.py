@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,18 +346,36 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 def _report_with_checkpoint(
     engine, method, tokenizer, metrics: dict[str, Any], rank: int, step: int, cfg: ExperimentConfig
 ) -> None:
-    """Save DeepSpeed state on every rank (+ the trained parameters on rank 0) and report it.
+    """Save DeepSpeed state on every rank (+ the trained parameters on rank 0) and report it."""
+    report_checkpoint(
+        cfg, metrics, step, lambda out: _save_checkpoint(engine, method, tokenizer, metrics, rank, step, out)
+    )
+
+
+def report_checkpoint(
+    cfg: ExperimentConfig,
+    metrics: dict[str, Any],
+    step: int,
+    write: Callable[[Path], None],
+    *,
+    has_checkpoint: bool = True,
+) -> None:
+    """``ray.train.report(metrics)`` with a checkpoint directory that ``write`` fills (skipped when this rank has
+    no ``has_checkpoint`` part to add).
 
     Ray Train persists a reported checkpoint into the run's storage. Local mode (``scaling.num_workers=0``) does
-    not, so there the checkpoint is written straight into the same place and the oldest beyond
-    ``train.keep_checkpoints`` are removed.
+    not, so there the checkpoint is written straight into the same place (to a hidden sibling, then renamed) and
+    the oldest beyond ``train.keep_checkpoints`` are removed.
     """
     import ray.train
 
     if cfg.scaling.num_workers > 0:
         with tempfile.TemporaryDirectory() as tmp:
-            _save_checkpoint(engine, method, tokenizer, metrics, rank, step, Path(tmp))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            checkpoint = None
+            if has_checkpoint:
+                write(Path(tmp))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
         return
     import shutil
 
@@ -364,7 +383,7 @@ def _report_with_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint_local_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    _save_checkpoint(engine, method, tokenizer, metrics, rank, step, tmp)
+    write(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

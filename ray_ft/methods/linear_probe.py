@@ -21,7 +21,6 @@ import json
 import math
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +223,15 @@ def train_head_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from ray_ft.tracking import StepLogger
-    from ray_ft.train import STATE_FILE, TRAINABLE_DIR, _all_reduce, lr_lambda, plan_steps, quiet_report_log
+    from ray_ft.train import (
+        STATE_FILE,
+        TRAINABLE_DIR,
+        _all_reduce,
+        lr_lambda,
+        plan_steps,
+        quiet_report_log,
+        report_checkpoint,
+    )
 
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     quiet_report_log()
@@ -301,17 +308,15 @@ def train_head_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[ray-ft] step {done}/{total_steps} epoch {metrics['epoch']:.2f} {shown}", flush=True)
             logger.log({k: v for k, v in metrics.items() if k != "step"}, step=done)
         if is_eval:
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    save_head(head, Path(tmp) / TRAINABLE_DIR)
-                    torch.save(
-                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                        Path(tmp) / "optimizer.pt",
-                    )
-                    (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": done}))
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=checkpoint)
+
+            def write(out: Path, done: int = done) -> None:
+                save_head(head, out / TRAINABLE_DIR)
+                torch.save(
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, out / "optimizer.pt"
+                )
+                (out / STATE_FILE).write_text(json.dumps({"step": done}))
+
+            report_checkpoint(cfg, metrics, done, write, has_checkpoint=rank == 0)
         elif done % cfg.train.log_every == 0:
             ray.train.report(metrics)
 
