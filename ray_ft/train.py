@@ -6,6 +6,7 @@ driver that validates inputs, builds the ``TorchTrainer``, and returns the final
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -129,11 +130,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _ensure_process_group() -> None:
-    """DeepSpeed needs a process group; Ray Train makes one, local mode (``num_workers=0``) does not."""
+@contextlib.contextmanager
+def _process_group():
+    """DeepSpeed needs a process group; Ray Train makes one, local mode (``num_workers=0``) does not.
+
+    One made here is destroyed through DeepSpeed on the way out, which also drops DeepSpeed's cached groups, so a
+    second local run in the same process starts clean.
+    """
     import torch.distributed as dist
 
     if dist.is_initialized():
+        yield
         return
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
@@ -144,6 +151,13 @@ def _ensure_process_group() -> None:
             sock.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        import deepspeed.comm
+
+        if dist.is_initialized():
+            deepspeed.comm.destroy_process_group()
 
 
 def _comm_device() -> torch.device:
@@ -219,13 +233,16 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     ``loop_config`` holds the resolved config (``config``), the base model directory
     (``model_dir``), the train/validation records, and the MLflow run to log into.
     """
+    with _process_group():
+        _train_loop(ExperimentConfig.model_validate(loop_config["config"]), loop_config)
+
+
+def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
 
-    cfg = ExperimentConfig.model_validate(loop_config["config"])
     quiet_report_log()
-    _ensure_process_group()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -266,6 +283,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         config=deepspeed_config(cfg, world, bf16),
         dist_init_required=False,
     )
+
+    if cfg.train.compile:
+        if rank == 0:
+            print("[ray-ft] train.compile: compiling the model; the first step includes compile time", flush=True)
+        engine.compile(backend="inductor", compile_kwargs={"dynamic": True})
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
