@@ -60,6 +60,10 @@ class DataConfig(StrictModel):
     seed: int = 42
     limit: int | None = None
     """Use a seeded random sample of this many examples (after validation and cleaning), e.g. for quick runs."""
+    streaming: bool = False
+    """Feed training batches through Ray Data: the records are shuffled and tokenised by Ray Data each epoch and
+    streamed to each worker's shard with prefetching, instead of every worker tokenising the whole set up front.
+    Micro-batches are length-grouped within windows of 16. A resumed run continues at its step with a fresh pass."""
 
     @field_validator("limit")
     @classmethod

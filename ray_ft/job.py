@@ -200,7 +200,7 @@ def _finish(cfg, method, model_dir, result, train, val, out: Path, uri: str, run
         {"step": st, "loss": v, **({"val_loss": curves["val_loss"][st]} if st in curves["val_loss"] else {})}
         for st, v in sorted(curves["loss"].items())
     ]
-    if _plot_history(history or result.history, out / "loss_curve.png"):
+    if _plot_history(history, out / "loss_curve.png"):
         tracking.log_artifact(uri, run_id, out / "loss_curve.png")
 
     evaluation: dict[str, Any] = {}

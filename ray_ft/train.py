@@ -111,6 +111,96 @@ class _Batches:
         return pack(examples) if self.packed else collate(examples, self.pad_id)
 
 
+STREAM_WINDOW = 16
+"""Micro-batches per length-grouping window of a streamed shard."""
+
+
+class _StreamedBatches:
+    """Micro-batches from this worker's Ray Data shard (``data.streaming``), read in order.
+
+    Ray Data shuffles and tokenises each epoch and gives every worker as many rows; each window of
+    ``STREAM_WINDOW`` micro-batches is sorted by length, cut into micro-batches, and those are shuffled.
+    """
+
+    def __init__(self, shard, batch_size: int, rank: int, seed: int, pad_id: int, packed: bool):
+        self.shard, self.batch_size, self.rank, self.seed = shard, batch_size, rank, seed
+        self.pad_id, self.packed = pad_id, packed
+        self._stream = self._micro_batches()
+
+    def get(self, micro_step: int) -> dict[str, torch.Tensor]:
+        return next(self._stream)
+
+    def _micro_batches(self):
+        import random
+
+        epoch = 0
+        while True:
+            rng = random.Random(f"{self.seed}-{self.rank}-{epoch}")
+            n = 0
+            for window in self.shard.iter_batches(
+                batch_size=self.batch_size * STREAM_WINDOW, batch_format="numpy", prefetch_batches=2
+            ):
+                pairs = zip(window["input_ids"], window["labels"], strict=True)
+                rows = sorted(
+                    ({"input_ids": list(i), "labels": list(j)} for i, j in pairs), key=lambda r: len(r["input_ids"])
+                )
+                chunks = [rows[k : k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
+                rng.shuffle(chunks)
+                for chunk in chunks:
+                    n += 1
+                    yield pack(chunk) if self.packed else collate(chunk, self.pad_id)
+            if not n:
+                raise RuntimeError(f"rank {self.rank}: the streamed training shard is empty")
+            epoch += 1
+
+
+class _Encode:
+    """Ray Data ``map_batches`` callable: JSON records -> ``input_ids`` / ``labels`` (one tokenizer per actor)."""
+
+    def __init__(self, model_dir: str, trust_remote_code: bool, data: dict[str, Any]):
+        from ray_ft.config import DataConfig
+        from ray_ft.models import load_tokenizer
+
+        self.cfg = DataConfig.model_validate(data)
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
+        self.fmt = PromptFormat.from_config(self.cfg)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        import json
+
+        enc = [encode_generation(json.loads(r), self.tokenizer, self.fmt, self.cfg.max_length) for r in batch["record"]]
+        return {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
+
+
+def streaming_dataset(cfg: ExperimentConfig, records: list[dict], model_dir: str):
+    """The Ray Data pipeline behind ``data.streaming``: shuffle, then tokenise in a small actor pool."""
+    import json
+
+    import ray.data
+
+    if len(records) < max(cfg.scaling.num_workers, 1):
+        raise ConfigError(
+            [f"data.streaming: {len(records)} training examples for {cfg.scaling.num_workers} workers; need one each"]
+        )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = [{"record": json.dumps(r, ensure_ascii=False)} for r in records]
+    return (
+        ray.data.from_items(rows)
+        .random_shuffle()
+        .map_batches(
+            _Encode,
+            fn_constructor_kwargs={
+                "model_dir": model_dir,
+                "trust_remote_code": cfg.model.trust_remote_code,
+                "data": cfg.data.model_dump(),
+            },
+            batch_size=64,
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0.5,
+        )
+    )
+
+
 def _all_reduce(values: list[float]) -> list[float]:
     import torch.distributed as dist
 
@@ -255,6 +345,7 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
 
     tokenizer = load_tokenizer(loop_config["model_dir"], cfg.model.trust_remote_code)
     fmt = PromptFormat.from_config(cfg.data)
+    streaming = "n_train" in loop_config  # data.streaming: batches come from this worker's Ray Data shard
     train_enc = [encode_generation(r, tokenizer, fmt, cfg.data.max_length) for r in loop_config["train_records"]]
     val_enc = [encode_generation(r, tokenizer, fmt, cfg.data.max_length) for r in loop_config["val_records"]]
     val_batches = [
@@ -270,7 +361,7 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
 
     model = method.load_for_training(cfg, loop_config["model_dir"], device)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    steps_per_epoch, total_steps = plan_steps(cfg, len(train_enc), world)
+    steps_per_epoch, total_steps = plan_steps(cfg, loop_config.get("n_train", len(train_enc)), world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=use_gpu or None
@@ -290,11 +381,13 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
         engine.compile(backend="inductor", compile_kwargs={"dynamic": True})
 
     start_step = 0
+    seen = {"samples_seen": 0.0, "tokens_seen": 0.0}  # examples and answer+prompt tokens trained on, all ranks
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             _, client_state = engine.load_checkpoint(d, tag="ds", load_module_strict=False)
             start_step = int(client_state["step"])
+            seen = {k: float(client_state.get(k, 0.0)) for k in ("samples_seen", "tokens_seen")}
         if rank == 0:
             print(f"[ray-ft] resumed from step {start_step}/{total_steps}", flush=True)
 
@@ -304,9 +397,19 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
     if logger is not None:
         # ZeRO-3 has partitioned the parameters by now; ``ds_numel`` is the full size.
         logger.log({"trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainable)}, step=start_step)
-    batches = _Batches(
-        train_enc, cfg.train.batch_size, rank, world, cfg.train.seed, tokenizer.pad_token_id, cfg.train.packing
-    )
+    if streaming:
+        batches = _StreamedBatches(
+            ray.train.get_dataset_shard("train"),
+            cfg.train.batch_size,
+            rank,
+            cfg.train.seed,
+            tokenizer.pad_token_id,
+            cfg.train.packing,
+        )
+    else:
+        batches = _Batches(
+            train_enc, cfg.train.batch_size, rank, world, cfg.train.seed, tokenizer.pad_token_id, cfg.train.packing
+        )
     eval_every = cfg.train.eval_every or steps_per_epoch
     answer_only = answer_only_logits(engine.module)
     accum = cfg.train.grad_accum
@@ -329,6 +432,8 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
         loss_mean, tokens_all, samples_all = _all_reduce([loss_sum / accum, float(tokens), float(samples)])
         loss_mean /= world
         tokens_since += tokens_all
+        seen["samples_seen"] += samples_all
+        seen["tokens_seen"] += tokens_all
         if step == start_step:
             steady["since"] = time.time()
         else:
@@ -341,6 +446,7 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
             "loss": loss_mean,
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            **seen,
         }
         is_eval = done % eval_every == 0 or done == total_steps
         if done % cfg.train.log_every == 0 or is_eval:
@@ -419,7 +525,8 @@ def _save_checkpoint(engine, method, tokenizer, metrics: dict[str, Any], rank: i
 
     import deepspeed
 
-    engine.save_checkpoint(str(out), tag="ds", client_state={"step": step}, exclude_frozen_parameters=True)
+    state = {"step": step, "samples_seen": metrics["samples_seen"], "tokens_seen": metrics["tokens_seen"]}
+    engine.save_checkpoint(str(out), tag="ds", client_state=state, exclude_frozen_parameters=True)
     params = [p for p in engine.module.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
         if rank == 0:
@@ -434,7 +541,6 @@ def _save_checkpoint(engine, method, tokenizer, metrics: dict[str, Any], rank: i
 class FitResult:
     checkpoint_dir: str | None
     metrics: dict[str, Any]
-    history: list[dict[str, Any]]
     wall_s: float
 
 
@@ -448,7 +554,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    # data.streaming runs Ray Data's tokenising actor beside the workers.
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (1 if cfg.data.streaming else 0)
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), log_to_driver=True)
 
 
@@ -480,9 +587,16 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    datasets = None
+    if cfg.data.streaming and train_fn is None:
+        # The records travel once, into the Ray Data pipeline, not to every worker.
+        records = loop_config["train_records"]
+        datasets = {"train": streaming_dataset(cfg, records, loop_config["model_dir"])}
+        loop_config = {**loop_config, "train_records": [], "n_train": len(records)}
     return TorchTrainer(
         train_fn or train_fn_per_worker,
         train_loop_config=loop_config,
+        datasets=datasets,
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -500,21 +614,6 @@ def build_trainer(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-
-
-class _History:
-    """Driver-side callback collecting every report (for the loss curve and the summary)."""
-
-    def __init__(self):
-        from ray.train import UserCallback
-
-        class _CB(UserCallback):
-            def after_report(cb, run_context, metrics, checkpoint):
-                if metrics:
-                    self.rows.append(dict(metrics[0]))
-
-        self.rows: list[dict[str, Any]] = []
-        self.callback = _CB()
 
 
 def _local_checkpoint_dir(checkpoint) -> str | None:
@@ -568,14 +667,13 @@ def fit(
     train_fn=None,
     extra_loop_config: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Run the Ray Train job; return the final checkpoint and the reported history.
+    """Run the Ray Train job; return the final checkpoint and the last reported metrics.
 
     ``train_fn`` and ``extra_loop_config`` let a method run its own worker loop with extra inputs.
     """
     if cfg.train.packing:
         check_packing(model_dir, cfg.model.trust_remote_code)
     init_ray(cfg)
-    history = _History()
     loop_config = {
         "config": cfg.to_dict(),
         "model_dir": model_dir,
@@ -586,10 +684,9 @@ def fit(
         **(extra_loop_config or {}),
     }
     t0 = time.time()
-    result = build_trainer(cfg, loop_config, callbacks=[history.callback], train_fn=train_fn).fit()
+    result = build_trainer(cfg, loop_config, train_fn=train_fn).fit()
     return FitResult(
         checkpoint_dir=_local_checkpoint_dir(result.checkpoint),
         metrics=dict(result.metrics or {}),
-        history=history.rows,
         wall_s=time.time() - t0,
     )

@@ -382,6 +382,10 @@ class LinearProbeMethod:
             raise ValueError("method.feature_workers must be >= 1")
         if cfg.train.grad_accum != 1:
             raise ValueError("method 'linear_probe' trains on cached features; train.grad_accum must be 1")
+        for key in ("data.streaming", "train.packing", "train.compile"):
+            section, field = key.split(".")
+            if getattr(getattr(cfg, section), field):
+                raise ValueError(f"method 'linear_probe' trains a head on cached features; {key} must be false")
 
     def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device):
         """The frozen backbone (nothing in it trains; the head is built on its features)."""

@@ -111,3 +111,31 @@ def test_compiled_training_matches_eager(ray_local, tiny_model_dir, qa_file, tmp
     assert graphs == {False: 0, True: graphs[True]} and graphs[True] > 0, graphs
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-4), losses
+
+
+def test_streaming_input_feeds_every_example_once_per_epoch(ray_local, tiny_model_dir, qa_file, tmp_path, mlflow_dir):
+    """``data.streaming``: Ray Data tokenises and streams each worker's shard; every epoch trains on every example."""
+    from mlflow import MlflowClient
+
+    from ray_ft.data import PromptFormat, encode_generation, read_jsonl, split
+    from ray_ft.models import load_tokenizer
+
+    overrides = {"data.streaming": "true", "train.batch_size": 1, "train.epochs": 2, "eval.enabled": "false"}
+    cfg = load_config(
+        REPO / "jobs/lora.yaml", tiny_overrides(tiny_model_dir, qa_file, tmp_path / "s", mlflow_dir, **overrides)
+    )
+    train, _ = split(read_jsonl(qa_file).records, cfg.data.val_fraction, cfg.data.seed)
+    tokenizer, fmt = load_tokenizer(str(tiny_model_dir)), PromptFormat.from_config(cfg.data)
+    tokens = sum(len(encode_generation(r, tokenizer, fmt, cfg.data.max_length)["input_ids"]) for r in train)
+    assert len(train) == 6  # 6 examples / (2 workers x batch 1) = 3 steps per epoch
+
+    summary = run_training(cfg)
+    client = MlflowClient(summary.tracking_uri)
+    seen = {
+        key: {m.step: m.value for m in client.get_metric_history(summary.run_id, key)}
+        for key in ("samples_seen", "tokens_seen")
+    }
+    assert sorted(seen["samples_seen"]) == list(range(1, 7))
+    assert (seen["samples_seen"][3], seen["tokens_seen"][3]) == (6, tokens)
+    assert (seen["samples_seen"][6], seen["tokens_seen"][6]) == (12, 2 * tokens)
+    assert (tmp_path / "s" / "merged" / "model.safetensors").is_file()

@@ -43,6 +43,9 @@ def test_all_four_methods_are_registered():
         ({"method.name": "linear_probe", "method.pooling": "max"}, "method.pooling"),
         ({"method.name": "linear_probe", "method.feature_batch_size": 0}, "feature_batch_size must be >= 1"),
         ({"method.name": "linear_probe", "train.grad_accum": 2}, "train.grad_accum must be 1"),
+        ({"method.name": "linear_probe", "data.streaming": "true"}, "data.streaming must be false"),
+        ({"method.name": "linear_probe", "train.compile": "true"}, "train.compile must be false"),
+        ({"method.name": "prompt_tuning", "train.packing": "true"}, "train.packing does not work"),
     ],
 )
 def test_unsupported_combinations_are_refused_up_front(overrides, message):
