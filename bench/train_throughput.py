@@ -203,6 +203,11 @@ def _peak_mb(gpu: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median useful tokens/s (its own samples/s, memory and wall time)."""
+    return sorted(runs, key=lambda r: r["useful_tokens_per_s"])[(len(runs) - 1) // 2]
+
+
 def _param_count(model_dir: str) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -223,6 +228,9 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     p.add_argument("--variants", default="seed,hf,ray,bare")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="run the variants this many times, interleaved; report medians"
+    )
     p.add_argument("--ray-ft-args", nargs="*", default=[], help="extra key=value overrides for the ray-ft runs")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -248,11 +256,11 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="ray-ft-bench-"))
     model_dir = prepare_model(args.shape, workdir)
     n_params = _param_count(model_dir)
-    results = {}
+    runs: dict[str, list[dict]] = {}
     variants = args.variants.split(",")
     if args.workers != 1 and "bare" in variants and "ray1" not in variants:
         variants.insert(variants.index("bare"), "ray1")
-    for variant in variants:
+    for variant in [v for _ in range(args.repeat) for v in variants]:
         cmd = [
             sys.executable,
             __file__,
@@ -277,11 +285,14 @@ def main() -> None:
         if proc.returncode != 0 or not lines:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"[bench] {variant} failed (exit {proc.returncode})")
-        results[variant] = {**json.loads(lines[-1][7:]), "wall_s": time.time() - t0}
+        runs.setdefault(variant, []).append({**json.loads(lines[-1][7:]), "wall_s": time.time() - t0})
+        print(f"[bench] {variant}: {runs[variant][-1]['useful_tokens_per_s']:.1f} useful tokens/s", flush=True)
+    results = {name: _median_run(rs) for name, rs in runs.items()}
 
     print(
         f"\nmodel shape {args.shape} ({n_params / 1e6:.0f}M parameters), {args.steps} steps per variant, "
         f"{'GPU' if args.gpu else 'CPU'}, ray workers {args.workers}"
+        + (f", median of {args.repeat} interleaved runs" if args.repeat > 1 else "")
     )
     print(f"{'variant':<8} {'samples/s':>10} {'tokens/s':>10} {'MFU':>7} {'peak MB':>9} {'wall s':>7}")
     for name, r in results.items():

@@ -186,7 +186,7 @@ def streaming_dataset(cfg: ExperimentConfig, records: list[dict], model_dir: str
     rows = [{"record": json.dumps(r, ensure_ascii=False)} for r in records]
     return (
         ray.data.from_items(rows)
-        .random_shuffle()
+        .random_shuffle(num_cpus=0.25)  # small shares: the pipeline fits beside the workers in one spare CPU
         .map_batches(
             _Encode,
             fn_constructor_kwargs={
@@ -554,7 +554,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # data.streaming runs Ray Data's tokenising actor beside the workers.
+    # data.streaming runs Ray Data's shuffle tasks and tokenising actor beside the workers.
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (1 if cfg.data.streaming else 0)
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), log_to_driver=True)
 
