@@ -7,6 +7,7 @@ driver that validates inputs, builds the ``TorchTrainer``, and returns the final
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -345,7 +346,6 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
 
     tokenizer = load_tokenizer(loop_config["model_dir"], cfg.model.trust_remote_code)
     fmt = PromptFormat.from_config(cfg.data)
-    streaming = "n_train" in loop_config  # data.streaming: batches come from this worker's Ray Data shard
     train_enc = [encode_generation(r, tokenizer, fmt, cfg.data.max_length) for r in loop_config["train_records"]]
     val_enc = [encode_generation(r, tokenizer, fmt, cfg.data.max_length) for r in loop_config["val_records"]]
     val_batches = [
@@ -397,7 +397,7 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
     if logger is not None:
         # ZeRO-3 has partitioned the parameters by now; ``ds_numel`` is the full size.
         logger.log({"trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainable)}, step=start_step)
-    if streaming:
+    if cfg.data.streaming:  # batches come from this worker's Ray Data shard (see build_trainer)
         batches = _StreamedBatches(
             ray.train.get_dataset_shard("train"),
             cfg.train.batch_size,
@@ -466,18 +466,10 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
             print(f"[ray-ft] step {done}/{total_steps} epoch {metrics['epoch']:.2f} {line} eta {eta:.0f}s", flush=True)
             logger.log({k: v for k, v in metrics.items() if k != "step"}, step=done)
         if is_eval:
-            _report_with_checkpoint(engine, method, tokenizer, metrics, rank, done, cfg)
+            write = functools.partial(_save_checkpoint, engine, method, tokenizer, metrics, rank, done)
+            report_checkpoint(cfg, metrics, done, write)
         elif done % cfg.train.log_every == 0:
             ray.train.report(metrics)
-
-
-def _report_with_checkpoint(
-    engine, method, tokenizer, metrics: dict[str, Any], rank: int, step: int, cfg: ExperimentConfig
-) -> None:
-    """Save DeepSpeed state on every rank (+ the trained parameters on rank 0) and report it."""
-    report_checkpoint(
-        cfg, metrics, step, lambda out: _save_checkpoint(engine, method, tokenizer, metrics, rank, step, out)
-    )
 
 
 def report_checkpoint(

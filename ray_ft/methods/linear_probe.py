@@ -382,9 +382,13 @@ class LinearProbeMethod:
             raise ValueError("method.feature_workers must be >= 1")
         if cfg.train.grad_accum != 1:
             raise ValueError("method 'linear_probe' trains on cached features; train.grad_accum must be 1")
-        for key in ("data.streaming", "train.packing", "train.compile"):
-            section, field = key.split(".")
-            if getattr(getattr(cfg, section), field):
+        options = {
+            "data.streaming": cfg.data.streaming,
+            "train.packing": cfg.train.packing,
+            "train.compile": cfg.train.compile,
+        }
+        for key, on in options.items():
+            if on:
                 raise ValueError(f"method 'linear_probe' trains a head on cached features; {key} must be false")
 
     def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device):
