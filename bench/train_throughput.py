@@ -76,8 +76,12 @@ def prepare_model(shape: str, workdir: Path) -> str:
     return str(out)
 
 
-def _time_hf_trainer(model, rows, collator, steps: int, gpu: bool, batch: int, accum: int, group: bool) -> float:
-    """Run HF ``Trainer`` for ``steps`` optimizer steps; steady samples/s (first step excluded)."""
+def _time_hf_trainer(model, rows, collator, steps: int, gpu: bool, batch: int, accum: int) -> dict:
+    """Run HF ``Trainer`` for ``steps`` optimizer steps over ``rows`` in the given order.
+
+    Steady state: from the end of the first step to the end of the last, counting exactly the examples and
+    non-pad tokens those steps trained on.
+    """
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -102,15 +106,21 @@ def _time_hf_trainer(model, rows, collator, steps: int, gpu: bool, batch: int, a
             use_cpu=not gpu,
             dataloader_num_workers=0,
             disable_tqdm=True,
-            train_sampling_strategy="group_by_length" if group else "random",
+            train_sampling_strategy="sequential",
             remove_unused_columns=False,
         )
         Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Clock()]).train()
-    return batch * accum * (len(ends) - 1) / (ends[-1] - ends[0])
+    per_step = batch * accum
+    steady = [rows[i % len(rows)] for i in range(per_step, per_step * len(ends))]
+    elapsed = ends[-1] - ends[0]
+    tokens = sum(sum(r["attention_mask"]) if "attention_mask" in r else len(r["input_ids"]) for r in steady)
+    return {"samples_per_s": len(steady) / elapsed, "useful_tokens_per_s": tokens / elapsed}
 
 
 def run_seed(model_dir: str, data: str, steps: int, gpu: bool) -> dict:
-    """The seed tutorial: pad to 512, batch 2 x accumulation 8, gradient checkpointing, fp32, r=8."""
+    """The seed tutorial: pad to 512, batch 2 x accumulation 8, gradient checkpointing, fp32, r=8, shuffled."""
+    import random
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
@@ -120,10 +130,10 @@ def run_seed(model_dir: str, data: str, steps: int, gpu: bool) -> dict:
 
     tok = load_tokenizer(model_dir)
     records = read_jsonl(data).records
+    random.Random(0).shuffle(records)
     texts = [f"Human: {r['question']} Assistant: {r['answer']}" for r in records]
     enc = tok(texts, padding="max_length", truncation=True, max_length=512)
     rows = [{"input_ids": i, "attention_mask": m} for i, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
-    useful = sum(sum(r["attention_mask"]) for r in rows) / len(rows)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
@@ -132,33 +142,33 @@ def run_seed(model_dir: str, data: str, steps: int, gpu: bool) -> dict:
         model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
     )
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
-    samples_per_s = _time_hf_trainer(model, rows, collator, steps, gpu, batch=2, accum=8, group=False)
-    return {"samples_per_s": samples_per_s, "useful_tokens_per_s": samples_per_s * useful, "peak_mem_mb": _peak_mb(gpu)}
+    return {**_time_hf_trainer(model, rows, collator, steps, gpu, batch=2, accum=8), "peak_mem_mb": _peak_mb(gpu)}
 
 
 def run_hf(model_dir: str, data: str, steps: int, gpu: bool, workers: int, extra: list[str]) -> dict:
-    """HF ``Trainer`` + PEFT given ray-ft's own data and settings: the same encoded examples (dynamic padding,
-    length grouping, answer-only loss), the same LoRA config and global batch, one process using every core."""
+    """HF ``Trainer`` + PEFT given ray-ft's own data and settings: the same encoded examples in the same
+    length-grouped global batches (dynamic padding, answer-only loss), the same LoRA config, one process
+    using every core."""
     import torch
     from peft import get_peft_model
 
     from ray_ft.config import load_config
-    from ray_ft.data import PromptFormat, collate, encode_generation, read_jsonl
+    from ray_ft.data import PromptFormat, collate, encode_generation, length_grouped_batches, read_jsonl
     from ray_ft.methods.lora import lora_config
     from ray_ft.models import load_base_for_training, load_tokenizer
 
     cfg = load_config(REPO / "jobs/lora.yaml", [f"model.name_or_path={model_dir}", f"data.path={data}", *extra])
     tok = load_tokenizer(model_dir)
     fmt = PromptFormat.from_config(cfg.data)
-    rows = [encode_generation(r, tok, fmt, cfg.data.max_length) for r in read_jsonl(data).records]
-    useful = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    encoded = [encode_generation(r, tok, fmt, cfg.data.max_length) for r in read_jsonl(data).records]
+    batch = cfg.train.batch_size * max(workers, 1)
+    # ray-ft's first-epoch order (see ray_ft.train._Batches): step k trains on the same examples in both runs.
+    order = length_grouped_batches([len(e["input_ids"]) for e in encoded], batch, cfg.train.seed)
+    rows = [encoded[i] for group in order for i in group]
     base = load_base_for_training(cfg, model_dir, torch.device("cuda" if gpu else "cpu"))
     model = get_peft_model(base, lora_config(cfg.method, base))
-    batch = cfg.train.batch_size * max(workers, 1)
-    samples_per_s = _time_hf_trainer(
-        model, rows, lambda b: collate(b, tok.pad_token_id), steps, gpu, batch=batch, accum=1, group=True
-    )
-    return {"samples_per_s": samples_per_s, "useful_tokens_per_s": samples_per_s * useful, "peak_mem_mb": _peak_mb(gpu)}
+    timed = _time_hf_trainer(model, rows, lambda b: collate(b, tok.pad_token_id), steps, gpu, batch=batch, accum=1)
+    return {**timed, "peak_mem_mb": _peak_mb(gpu)}
 
 
 def run_ray_ft(model_dir: str, data: str, steps: int, gpu: bool, workers: int, extra: list[str]) -> dict:

@@ -86,7 +86,12 @@ def plan_steps(cfg: ExperimentConfig, n_train: int, world_size: int) -> tuple[in
 
 
 class _Batches:
-    """Deterministic per-rank micro-batches, indexable by global micro-step (so resume is exact)."""
+    """Deterministic per-rank micro-batches, indexable by global micro-step (so resume is exact).
+
+    Every micro-batch holds ``batch_size`` examples: the epoch's last global batch, when short, is filled with
+    the shortest other examples (as ``DistributedSampler`` repeats examples to even out ranks). Constant batch
+    sizes keep ranks in step and spare ``train.compile`` a recompile for a one-example batch.
+    """
 
     def __init__(
         self, encoded: list[dict], batch_size: int, rank: int, world: int, seed: int, pad_id: int, packed: bool
@@ -94,22 +99,27 @@ class _Batches:
         self.encoded, self.batch_size, self.rank, self.world = encoded, batch_size, rank, world
         self.seed, self.pad_id, self.packed = seed, pad_id, packed
         self._epoch, self._mine = -1, []
-        lengths = [len(e["input_ids"]) for e in encoded]
-        self.per_epoch = max(1, len(length_grouped_batches(lengths, batch_size * world, seed)))
+        self.lengths = [len(e["input_ids"]) for e in encoded]
+        self.per_epoch = max(1, len(length_grouped_batches(self.lengths, batch_size * world, seed)))
 
     def get(self, micro_step: int) -> dict[str, torch.Tensor]:
         epoch, i = divmod(micro_step, self.per_epoch)
         if epoch != self._epoch:
-            lengths = [len(e["input_ids"]) for e in self.encoded]
-            groups = length_grouped_batches(lengths, self.batch_size * self.world, self.seed + epoch)
-            # Each global batch is dealt round-robin to the ranks; a short last batch is wrapped.
-            self._mine = []
-            for g in groups:
-                g = (g * self.world)[: self.batch_size * self.world] if len(g) < self.world else g
-                self._mine.append(g[self.rank :: self.world])
+            self._mine = [g[self.rank :: self.world] for g in self.global_batches(epoch)]
             self._epoch = epoch
         examples = [self.encoded[j] for j in self._mine[i]]
         return pack(examples) if self.packed else collate(examples, self.pad_id)
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches (example indices), each dealt round-robin to the ranks."""
+        size = self.batch_size * self.world
+        groups = length_grouped_batches(self.lengths, size, self.seed + epoch)
+        shortest = sorted(range(len(self.lengths)), key=self.lengths.__getitem__)
+        for k, g in enumerate(groups):
+            if len(g) < size:
+                filler = [j for j in shortest if j not in g][: size - len(g)]
+                groups[k] = ((g + filler) * size)[:size]  # repeats only when the set is smaller than a batch
+        return groups
 
 
 STREAM_WINDOW = 16
@@ -212,6 +222,32 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+GLIBC_MALLOPT = {"M_TRIM_THRESHOLD": (-1, 2**31 - 1), "M_TOP_PAD": (-2, 1 << 28), "M_MMAP_THRESHOLD": (-3, 1 << 25)}
+"""glibc ``mallopt`` settings for CPU training: (parameter number, C ``int`` value)."""
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory in the process instead of handing it back to the OS.
+
+    A CPU training step allocates and frees the same activation buffers every step. glibc's defaults serve
+    large blocks with fresh ``mmap`` pages and trim the heap after each free, so every step page-faults its
+    activations back in (zeroed by the kernel): a few percent of a step in system time. Here blocks up to
+    32 MiB come from the heap and the heap is never trimmed, so the process stays at its peak size (what it
+    peaks at anyway). Skipped where the user chose an allocator (``LD_PRELOAD``, ``MALLOC_*``/``GLIBC_TUNABLES``
+    variables) or the C library is not glibc. Returns whether the settings were applied.
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc" or any(
+        k == "LD_PRELOAD" or k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in os.environ
+    ):
+        return False
+    libc = ctypes.CDLL(None)
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return all(libc.mallopt(param, value) == 1 for param, value in GLIBC_MALLOPT.values())
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory on GPU, else this process's peak resident set size."""
     if device.type == "cuda":
@@ -257,6 +293,13 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def _compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has built in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def answer_only_logits(model) -> bool:
     """Whether :func:`causal_lm_loss` may project only the positions that carry a label.
 
@@ -294,13 +337,16 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], answer_only: bool) -> 
 def _validation_loss(engine, batches: list[dict[str, torch.Tensor]], device, answer_only: bool) -> float:
     engine.eval()
     total = count = 0.0
-    for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
-        loss = causal_lm_loss(engine, b, answer_only)
-        n = float((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-        if n:  # a filler batch (see train_fn_per_worker) runs the forward but counts for nothing
-            total += loss.item() * n
-            count += n
+    # Eager even under train.compile: a no-grad eval graph (and its odd-sized last batch) would each cost a
+    # compile, more than the few validation forwards gain from it.
+    with torch.compiler.set_stance("force_eager"):
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            loss = causal_lm_loss(engine, b, answer_only)
+            n = float((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if n:  # a filler batch (see train_fn_per_worker) runs the forward but counts for nothing
+                total += loss.item() * n
+                count += n
     engine.train()
     total, count = _all_reduce([total, count])
     return total / max(count, 1.0)
@@ -340,6 +386,7 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
     use_gpu = device.type == "cuda"
     if not use_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        keep_freed_memory()
     torch.manual_seed(cfg.train.seed)
     method = get_method(cfg.method.name)
     from ray_ft.models import load_tokenizer
@@ -379,6 +426,7 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print("[ray-ft] train.compile: compiling the model; the first step includes compile time", flush=True)
         engine.compile(backend="inductor", compile_kwargs={"dynamic": True})
+    graphs_before = _compiled_graphs()
 
     start_step = 0
     seen = {"samples_seen": 0.0, "tokens_seen": 0.0}  # examples and answer+prompt tokens trained on, all ranks
@@ -417,6 +465,7 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
     t_start, tokens_since, t_last = time.time(), 0.0, time.time()
     # Steady-state throughput: wall time from the end of the first (warm-up) step, reports included.
     steady = {"tokens": 0.0, "samples": 0.0, "since": 0.0}
+    graphs_seen = 0
     for step in range(start_step, total_steps):
         loss_sum = 0.0
         tokens = samples = 0
@@ -454,6 +503,14 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
             metrics["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
             tokens_since, t_last = 0.0, time.time()
         metrics["peak_mem_mb"] = peak_memory_mb(device)
+        if cfg.train.compile:  # graphs dynamo built in this run; growth after the first step means recompiles
+            metrics["compiled_graphs"] = _compiled_graphs() - graphs_before
+            if step > start_step and metrics["compiled_graphs"] > graphs_seen and rank == 0:
+                print(
+                    f"[ray-ft] train.compile: step {done} compiled again; TORCH_LOGS=recompiles names the cause",
+                    flush=True,
+                )
+            graphs_seen = metrics["compiled_graphs"]
         if step > start_step:
             elapsed_steady = max(time.time() - steady["since"], 1e-9)
             metrics["steady_tokens_per_s"] = steady["tokens"] / elapsed_steady

@@ -84,12 +84,14 @@ def test_local_mode_keeps_its_checkpoints_and_exports(ray_local, tiny_model_dir,
 
 
 def test_compiled_training_matches_eager(ray_local, tiny_model_dir, qa_file, tmp_path, mlflow_dir):
-    """``train.compile`` runs the same optimisation (per-step losses equal the eager run's); two local-mode runs in
-    one process also check that the second starts from a clean process group."""
+    """``train.compile`` runs the same optimisation (per-step losses and validation losses equal the eager run's)
+    and compiles once: two epochs of 5 examples in batches of 2 (a short last batch, filled) with validation at
+    each epoch's end build no graph after the first step. Two local-mode runs in one process also check that the
+    second starts from a clean process group."""
     from mlflow import MlflowClient
     from torch._dynamo.utils import counters
 
-    losses, graphs = {}, {}
+    history, graphs = {}, {}
     for compiled in (False, True):
         before = counters["stats"]["unique_graphs"]
         ov = tiny_overrides(
@@ -99,18 +101,25 @@ def test_compiled_training_matches_eager(ray_local, tiny_model_dir, qa_file, tmp
             mlflow_dir,
             **{
                 "scaling.num_workers": 0,
-                "train.max_steps": 3,
+                "data.val_fraction": 0.375,  # 5 training examples, 3 for validation
+                "train.epochs": 2,
                 "train.compile": str(compiled).lower(),
                 "eval.enabled": "false",
             },
         )
         summary = run_training(load_config(REPO / "jobs/lora.yaml", ov))
-        history = MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, "loss")
-        losses[compiled] = [m.value for m in sorted(history, key=lambda m: m.step)]
+        client = MlflowClient(summary.tracking_uri)
+        history[compiled] = {
+            key: [m.value for m in sorted(client.get_metric_history(summary.run_id, key), key=lambda m: m.step)]
+            for key in ("loss", "val_loss", "compiled_graphs")
+        }
         graphs[compiled] = counters["stats"]["unique_graphs"] - before  # local mode runs in this process
     assert graphs == {False: 0, True: graphs[True]} and graphs[True] > 0, graphs
-    assert len(losses[True]) == 3
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4), losses
+    assert history[False]["compiled_graphs"] == []
+    assert history[True]["compiled_graphs"] == [graphs[True]] * 6  # 3 steps per epoch, all graphs from step 1
+    assert len(history[True]["loss"]) == 6 and len(history[True]["val_loss"]) == 2
+    for key in ("loss", "val_loss"):
+        assert history[True][key] == pytest.approx(history[False][key], rel=1e-4), (key, history)
 
 
 def test_streaming_input_feeds_every_example_once_per_epoch(ray_local, tiny_model_dir, qa_file, tmp_path, mlflow_dir):

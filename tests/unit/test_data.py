@@ -149,6 +149,24 @@ def test_length_grouped_batches_cover_everything_once():
     assert all(abs(lengths[b[0]] - lengths[b[-1]]) <= 3 for b in batches)
 
 
+@pytest.mark.parametrize(("n", "batch_size", "world"), [(9, 2, 2), (5, 2, 1), (7, 3, 2), (3, 2, 2)])
+def test_every_rank_gets_full_micro_batches_covering_the_epoch(n, batch_size, world):
+    from ray_ft.train import _Batches
+
+    encoded = [{"input_ids": list(range(3 + 2 * i)), "labels": list(range(3 + 2 * i))} for i in range(n)]
+    ranks = [_Batches(encoded, batch_size, r, world, seed=0, pad_id=0, packed=False) for r in range(world)]
+    per_epoch = ranks[0].per_epoch
+    assert per_epoch == -(-n // (batch_size * world))
+    seen: list[int] = []
+    for step in range(per_epoch):
+        for r in ranks:
+            batch = r.get(step)
+            assert batch["input_ids"].shape[0] == batch_size  # a short last batch is filled, never cut
+            seen += [int(m.sum()) for m in batch["attention_mask"]]  # lengths are unique: they name examples
+    assert {len(e["input_ids"]) for e in encoded} <= set(seen)  # every example trained on each epoch
+    assert len(seen) == per_epoch * batch_size * world
+
+
 def test_template_is_configurable():
     fmt = PromptFormat(template="### Q: {question}\n### A: {answer}")
     assert fmt.prompt("hi") == "### Q: hi\n### A:"
