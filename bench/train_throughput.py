@@ -2,8 +2,8 @@
 
 1. ``seed``: the seed tutorial's recipe — Hugging Face ``Trainer`` + PEFT LoRA (r=8, alpha=32), every example
    padded to 512 tokens, batch 2 x gradient accumulation 8, gradient checkpointing, fp32;
-2. ``hf``: Hugging Face ``Trainer`` + PEFT given ray-ft's data handling and settings (same encoded examples,
-   dynamic padding, length grouping, LoRA config and global batch) in one process — the fair baseline;
+2. ``hf``: Hugging Face ``Trainer`` + PEFT given ray-ft's data handling and settings (same encoded examples in
+   ray-ft's own length-grouped global batches, dynamic padding, LoRA config) in one process — the fair baseline;
 3. ``ray``: ray-ft's LoRA path through the full Ray Train + DeepSpeed stack (``scaling.num_workers`` workers);
 4. ``ray1`` + ``bare``: one Ray Train worker vs the same ray-ft step loop without Ray (local mode, one
    process), which isolates Ray's own overhead.
@@ -153,17 +153,19 @@ def run_hf(model_dir: str, data: str, steps: int, gpu: bool, workers: int, extra
     from peft import get_peft_model
 
     from ray_ft.config import load_config
-    from ray_ft.data import PromptFormat, collate, encode_generation, length_grouped_batches, read_jsonl
+    from ray_ft.data import PromptFormat, collate, encode_generation, read_jsonl
     from ray_ft.methods.lora import lora_config
     from ray_ft.models import load_base_for_training, load_tokenizer
+    from ray_ft.train import _Batches
 
     cfg = load_config(REPO / "jobs/lora.yaml", [f"model.name_or_path={model_dir}", f"data.path={data}", *extra])
     tok = load_tokenizer(model_dir)
     fmt = PromptFormat.from_config(cfg.data)
     encoded = [encode_generation(r, tok, fmt, cfg.data.max_length) for r in read_jsonl(data).records]
-    batch = cfg.train.batch_size * max(workers, 1)
-    # ray-ft's first-epoch order (see ray_ft.train._Batches): step k trains on the same examples in both runs.
-    order = length_grouped_batches([len(e["input_ids"]) for e in encoded], batch, cfg.train.seed)
+    world = max(workers, 1)
+    batch = cfg.train.batch_size * world
+    # ray-ft's own first-epoch global batches: step k trains on the same examples in both runs.
+    order = _Batches(encoded, cfg.train.batch_size, 0, world, cfg.train.seed, tok.pad_token_id, False).global_batches(0)
     rows = [encoded[i] for group in order for i in group]
     base = load_base_for_training(cfg, model_dir, torch.device("cuda" if gpu else "cpu"))
     model = get_peft_model(base, lora_config(cfg.method, base))

@@ -100,7 +100,8 @@ class _Batches:
         self.seed, self.pad_id, self.packed = seed, pad_id, packed
         self._epoch, self._mine = -1, []
         self.lengths = [len(e["input_ids"]) for e in encoded]
-        self.per_epoch = max(1, len(length_grouped_batches(self.lengths, batch_size * world, seed)))
+        self.per_epoch = max(1, math.ceil(len(encoded) / (batch_size * world)))  # as many as length_grouped_batches
+        self._shortest = sorted(range(len(encoded)), key=self.lengths.__getitem__)  # fillers for a short batch
 
     def get(self, micro_step: int) -> dict[str, torch.Tensor]:
         epoch, i = divmod(micro_step, self.per_epoch)
@@ -114,10 +115,9 @@ class _Batches:
         """The epoch's global batches (example indices), each dealt round-robin to the ranks."""
         size = self.batch_size * self.world
         groups = length_grouped_batches(self.lengths, size, self.seed + epoch)
-        shortest = sorted(range(len(self.lengths)), key=self.lengths.__getitem__)
         for k, g in enumerate(groups):
             if len(g) < size:
-                filler = [j for j in shortest if j not in g][: size - len(g)]
+                filler = [j for j in self._shortest if j not in g][: size - len(g)]
                 groups[k] = ((g + filler) * size)[:size]  # repeats only when the set is smaller than a batch
         return groups
 
