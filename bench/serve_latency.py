@@ -1,28 +1,33 @@
-"""Serving latency and throughput: dynamic batching vs one request at a time.
+"""Serving throughput and time to first token: vLLM in Ray Serve vs plain transformers ``generate``.
 
-Deploys ``ray_ft.serving.build_app`` on a local Ray (loopback only), once with ``max_batch_size``
-N and once with 1, and sends the same non-streaming completions at concurrency 1, 4 and 16.
-Prints requests/s, p50 and p99 latency per setting and the batched/one-at-a-time ratios.
+Same model, same prompts, same machine, one run. Each request asks for exactly ``--max-tokens`` tokens
+(``min_tokens`` = ``max_tokens``), so every setting generates the same work.
 
-    .venv/bin/python bench/serve_latency.py                        # tiny random model, built on the fly
-    .venv/bin/python bench/serve_latency.py --model-dir outputs/demo/merged --requests 48
+- vLLM: ``ray_ft.serving.build_app`` on a local Ray (one replica), streamed ``/v1/completions`` over HTTP on
+  127.0.0.1. Time to first token (TTFT) is when the first text chunk arrives.
+- transformers: ``model.generate`` in this process, the best a hand-written server can do with it: the requests
+  in flight run as one padded batch (static batching). Without streaming, TTFT is when the batch returns.
+
+At each concurrency C (default 1, 16, 64) it sends ``C * --rounds`` requests, C at a time, and prints completion
+tokens/s and TTFT p50/p95. The last line is machine-readable:
+
+    tokens_per_s_c16=<vLLM tok/s at 16> scaling_c16_vs_c1=<vLLM 16 / vLLM 1> vs_transformers_c16=<vLLM / HF at 16>
+
+    .venv/bin/python bench/serve_latency.py                                  # the embedded SmolLM2-135M
+    .venv/bin/python bench/serve_latency.py --model-dir outputs/demo/merged --concurrency 1,16
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -31,130 +36,144 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tiny_model(directory: Path) -> Path:
-    """The 2-layer random Llama the test suite uses (no download)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import build_tiny_model_dir
-
-    return build_tiny_model_dir(directory)
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-async def measure(url: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, float]:
-    """Send ``requests`` completions, ``concurrency`` in flight; latency per request and overall req/s."""
-    latencies: list[float] = []
+def prompts(n: int) -> list[str]:
+    topics = ["LoRA", "QLoRA", "prompt tuning", "DeepSpeed ZeRO", "Ray Train", "a linear probe", "MLflow", "vLLM"]
+    return [f"Human: Question {i}: what is {topics[i % len(topics)]}? Assistant:" for i in range(n)]
+
+
+async def vllm_round(url: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, float]:
+    ttfts: list[float] = []
+    tokens = 0
     errors = 0
     semaphore = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    async def one(client: httpx.AsyncClient, i: int) -> None:
-        nonlocal errors
-        body = {"prompt": f"Human: Question {i % 8}: what does LoRA train? Assistant:", "max_tokens": max_tokens}
+    async def one(client: httpx.AsyncClient, prompt: str) -> None:
+        nonlocal tokens, errors
+        body = {"prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
         async with semaphore:
             start = time.perf_counter()
-            response = await client.post("/v1/completions", json=body)
-            latencies.append(time.perf_counter() - start)
-            errors += response.status_code != 200
+            first = None
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    errors += 1
+                    return
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                        first = time.perf_counter() - start
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
+            ttfts.append(first if first is not None else time.perf_counter() - start)
 
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0), limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
         start = time.perf_counter()
-        await asyncio.gather(*(one(client, i) for i in range(requests)))
+        await asyncio.gather(*(one(client, p) for p in prompts(requests)))
         wall = time.perf_counter() - start
-    return {
-        "rps": requests / wall,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * percentile(latencies, 99),
-        "errors": float(errors),
-    }
+    return {"tokens_per_s": tokens / wall, "ttft_p50": statistics.median(ttfts), "ttft_p95": percentile(ttfts, 95),
+            "errors": errors}  # fmt: skip
 
 
-def wait_healthy(url: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the deployment did not become healthy within {timeout_s:.0f}s")
+def transformers_round(model, tokenizer, concurrency: int, requests: int, max_tokens: int) -> dict[str, float]:
+    import torch
+
+    tokenizer.padding_side = "left"
+    ttfts: list[float] = []
+    tokens = 0
+    batch_prompts = prompts(requests)
+    start = time.perf_counter()
+    for i in range(0, requests, concurrency):
+        chunk = batch_prompts[i : i + concurrency]
+        t0 = time.perf_counter()
+        enc = tokenizer(chunk, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        tokens += (out.shape[1] - enc["input_ids"].shape[1]) * len(chunk)
+        ttfts += [time.perf_counter() - t0] * len(chunk)
+    wall = time.perf_counter() - start
+    return {"tokens_per_s": tokens / wall, "ttft_p50": statistics.median(ttfts), "ttft_p95": percentile(ttfts, 95),
+            "errors": 0}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", default=None, help="artifact or HF model dir (default: a tiny random model)")
-    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (bounded run)")
-    p.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrency levels")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=8, help="max_batch_size of the batched setting")
-    p.add_argument("--batch-wait-s", type=float, default=0.02, help="batch_wait_timeout_s of the batched setting")
-    args = p.parse_args(argv)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", default=None, help="model to serve (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per setting = concurrency * rounds")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import ray
     from ray import serve
 
+    from ray_ft.config import ModelConfig
+    from ray_ft.device import select_device
+    from ray_ft.models import resolve_model_dir
     from ray_ft.serving import build_app
 
-    with tempfile.TemporaryDirectory(prefix="ray-ft-bench-") as tmp:
-        model_dir = Path(args.model_dir) if args.model_dir else tiny_model(Path(tmp) / "tiny-llama")
-        print(f"[bench] model {model_dir}; {args.requests} requests per level, max_tokens {args.max_tokens}")
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}"
-        rows: dict[tuple[str, int], dict[str, float]] = {}
-        settings = [(f"batched (max_batch_size {args.batch_size})", args.batch_size), ("one at a time", 1)]
-        try:
-            for label, batch_size in settings:
-                app = build_app(
-                    {
-                        "model_dir": str(model_dir),
-                        "min_replicas": 1,
-                        "max_replicas": 1,
-                        "max_batch_size": batch_size,
-                        "batch_wait_timeout_s": args.batch_wait_s if batch_size > 1 else 0.0,
-                        "max_ongoing_requests": max(32, max(levels)),
-                        "limits": {"max_tokens": max(args.max_tokens, 1)},
-                    }
-                )
-                serve.run(app, name="bench", route_prefix="/", blocking=False)
-                wait_healthy(url)
-                asyncio.run(measure(url, 4, 8, args.max_tokens))  # warm-up
-                for level in levels:
-                    result = asyncio.run(measure(url, level, max(args.requests, level), args.max_tokens))
-                    rows[(label, level)] = result
-                    print(
-                        f"[bench] {label:<28} concurrency {level:>3}: {result['rps']:7.2f} req/s  "
-                        f"p50 {result['p50_ms']:8.1f} ms  p99 {result['p99_ms']:8.1f} ms  "
-                        f"errors {result['errors']:.0f}",
-                        flush=True,
-                    )
-                serve.delete("bench")
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    model_dir = args.model_dir or resolve_model_dir(ModelConfig(name_or_path="embedded:smollm2-135m-instruct"))
+    placement = select_device(prefer_gpu=None, dtype="auto")
+    dtype = str(placement.dtype).removeprefix("torch.")
+    print(f"model {model_dir}; {placement.describe()}; {os.cpu_count()} CPUs; {args.max_tokens} tokens a request")
 
-    print()
-    print(f"{'setting':<30}{'conc':>5}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}")
-    for (label, level), r in rows.items():
-        print(f"{label:<30}{level:>5}{r['rps']:>9.2f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}")
-    print()
-    batched_label, single_label = settings[0][0], settings[1][0]
-    for level in levels:
-        batched, single = rows[(batched_label, level)], rows[(single_label, level)]
-        print(
-            f"concurrency {level:>3}: batched/one-at-a-time throughput x{batched['rps'] / single['rps']:.2f}, "
-            f"p50 latency x{batched['p50_ms'] / single['p50_ms']:.2f}"
-        )
-    return 1 if any(r["errors"] for r in rows.values()) else 0
+    results: dict[tuple[str, int], dict[str, float]] = {}
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=False, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = {"models": [model_dir], "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 256,
+                "engine": {"dtype": dtype, "max_num_seqs": max(levels)}, "num_gpus": 1 if placement.on_gpu else 0,
+                "limits": {"max_tokens": args.max_tokens}}  # fmt: skip
+    started = time.perf_counter()
+    serve.run(build_app(settings), name="bench", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(2)
+    print(f"vLLM endpoint up in {time.perf_counter() - started:.0f}s", flush=True)
+    asyncio.run(vllm_round(url, 2, 2, 8))  # warm-up
+    for c in levels:
+        results[("vllm", c)] = asyncio.run(vllm_round(url, c, c * args.rounds, args.max_tokens))
+        print(f"vllm c={c}: {results[('vllm', c)]}", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+
+    if not args.skip_transformers:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype).to(placement.device).eval()
+        transformers_round(model, tokenizer, 2, 2, 8)  # warm-up
+        for c in levels:
+            results[("transformers", c)] = transformers_round(model, tokenizer, c, c * args.rounds, args.max_tokens)
+            print(f"transformers c={c}: {results[('transformers', c)]}", flush=True)
+
+    print(f"\n{'engine':<13} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'errors':>6}")
+    for (engine, c), r in sorted(results.items()):
+        print(f"{engine:<13} {c:>7} {r['tokens_per_s']:>9.1f} {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>8.2f}s "
+              f"{r['errors']:>6}")  # fmt: skip
+    ref = 16 if 16 in levels else levels[-1]
+    x = results[("vllm", ref)]["tokens_per_s"]
+    y = x / results[("vllm", levels[0])]["tokens_per_s"]
+    z = x / results[("transformers", ref)]["tokens_per_s"] if ("transformers", ref) in results else float("nan")
+    print(f"tokens_per_s_c{ref}={x:.1f} scaling_c{ref}_vs_c{levels[0]}={y:.2f} vs_transformers_c{ref}={z:.2f}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -253,7 +253,7 @@ def test_rayservice_builds_ray_ft_serving_with_valid_args():
     assert callable(getattr(importlib.import_module(module), attr))
     serving = importlib.import_module("ray_ft.serving")
     args = serving.ServeArgs.model_validate(app["args"])
-    assert args.model_dir.startswith(SHARED_MOUNT + "/") and args.model_dir.endswith("/merged")
+    assert all(m.startswith(SHARED_MOUNT + "/") for m in args.models)
     assert args.num_gpus >= 1
 
     images: set[str] = set()

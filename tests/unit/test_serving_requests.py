@@ -1,51 +1,49 @@
-"""Serving without a cluster: the shipped Serve config, builder arguments, request models, stream stop text."""
+"""Serving without a cluster: the shipped Serve config, builder arguments, the serving plan, request checks."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import itertools
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from pydantic import ValidationError
 
 from ray_ft.config import ConfigError
 from ray_ft.export import ArtifactError, write_artifact
-from ray_ft.serving import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    RequestLimits,
-    ServeArgs,
-    StopTextFilter,
-    _param_of,
-    build_app,
-    parse_replicas,
-    parse_serve_args,
-    sampling_params,
-)
+from ray_ft.serving import ServeArgs, build_app, parse_replicas, parse_serve_args
+from ray_ft.serving.catalog import resolve_plan
 
 REPO = Path(__file__).resolve().parents[2]
+PLAIN = {"template": "Q: {question} A: {answer}", "use_chat_template": False}
+
+
+def _copy_model(src: Path):
+    def write(tmp: Path) -> None:
+        for item in src.iterdir():
+            shutil.copy2(item, tmp / item.name)
+
+    return write
 
 
 @pytest.fixture(scope="module")
 def merged_artifact(tiny_model_dir, tmp_path_factory) -> Path:
-    def copy_model(tmp: Path) -> None:
-        for item in tiny_model_dir.iterdir():
-            shutil.copy2(item, tmp / item.name)
+    meta = {"method": "lora", "task": "generation", "artifact": "merged", "prompt_format": PLAIN}
+    return write_artifact(tmp_path_factory.mktemp("serve-config") / "run" / "merged", _copy_model(tiny_model_dir), meta)
 
-    meta = {
-        "method": "lora",
-        "task": "generation",
-        "artifact": "merged",
-        "prompt_format": {"template": "Q: {question} A: {answer}"},
-    }
-    return write_artifact(tmp_path_factory.mktemp("serve-config") / "merged", copy_model, meta)
+
+def make_adapter_run(root: Path, name: str, base: Path, method: str = "lora", rank: int = 8) -> Path:
+    """A training output dir holding ``trainable/`` (adapter config + metadata), as ``ray-ft train`` leaves it."""
+
+    def write(tmp: Path) -> None:
+        (tmp / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
+
+    meta = {"method": method, "task": "generation", "artifact": "trainable", "base_model_dir": str(base),
+            "prompt_format": PLAIN}  # fmt: skip
+    write_artifact(root / name / "trainable", write, meta)
+    return root / name
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "serve").glob("*.yaml")), ids=lambda p: p.name)
@@ -59,38 +57,44 @@ def test_shipped_serve_config_builds_an_application(config, merged_artifact):
     for app in schema.applications:
         module_name, _, attr = app.import_path.partition(":")
         builder = getattr(importlib.import_module(module_name), attr)
-        args = {**app.args, "model_dir": str(merged_artifact)}
+        args = {**app.args, "models": [str(merged_artifact)]}
         parsed = ServeArgs.model_validate(args)  # every key in the file is a real field
-        assert parsed.num_cpus <= 1 and parsed.min_replicas <= parsed.max_replicas
-        built = builder(args)
-        assert isinstance(built, Application)
+        assert parsed.min_replicas <= parsed.max_replicas
+        assert isinstance(builder(args), Application)
 
 
 def test_builder_arguments_are_checked_with_field_names(merged_artifact, tmp_path):
+    models = [str(merged_artifact)]
     with pytest.raises(ConfigError, match="min_replicas"):
-        build_app({"model_dir": str(merged_artifact), "min_replicas": 3, "max_replicas": 2})
+        build_app({"models": models, "min_replicas": 3, "max_replicas": 2})
     with pytest.raises(ConfigError, match=r"max_replica: unknown key"):
-        build_app({"model_dir": str(merged_artifact), "max_replica": 2})
+        build_app({"models": models, "max_replica": 2})
     with pytest.raises(ConfigError, match="limits.max_tokens"):
-        build_app({"model_dir": str(merged_artifact), "limits": {"max_tokens": 0}})
-    with pytest.raises(ConfigError, match="max_ongoing_requests"):
-        build_app({"model_dir": str(merged_artifact), "max_batch_size": 16, "max_ongoing_requests": 4})
-    with pytest.raises(ConfigError, match="model_dir"):
+        build_app({"models": models, "limits": {"max_tokens": 0}})
+    with pytest.raises(ConfigError, match="request_timeout_s"):
+        build_app({"models": models, "request_timeout_s": float("inf")})
+    with pytest.raises(ConfigError, match="engine.dtype"):
+        build_app({"models": models, "engine": {"dtype": "int3"}})
+    with pytest.raises(ConfigError, match="model_names"):
+        build_app({"models": models, "model_names": ["a", "b"]})
+    with pytest.raises(ConfigError, match="models"):
         build_app({})
     with pytest.raises(ArtifactError, match="not a directory"):
-        build_app({"model_dir": str(tmp_path / "missing")})
+        build_app({"models": [str(tmp_path / "missing")]})
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "ray_ft.json").write_text(json.dumps({"task": "generation"}))
     with pytest.raises(ArtifactError, match="MANIFEST"):
-        build_app({"model_dir": str(tmp_path / "half")})
+        build_app({"models": [str(tmp_path / "half")]})
 
 
-def test_api_key_is_secret_and_empty_means_none(merged_artifact):
-    args = parse_serve_args({"model_dir": str(merged_artifact), "api_key": "k-123"})
+def test_api_key_is_secret_and_empty_means_none(monkeypatch):
+    args = parse_serve_args({"models": ["x"], "api_key": "k-123"})
     assert "k-123" not in repr(args) and "k-123" not in str(args.model_dump())
-    assert parse_serve_args({"model_dir": "x", "api_key": ""}).api_key is None
-    assert args.served_model_id() == "merged"
-    assert parse_serve_args({"model_dir": "x", "model_name": "m"}).served_model_id() == "m"
+    assert args.resolved_api_key() == "k-123"
+    monkeypatch.setenv("RAY_FT_API_KEY", "from-env")
+    assert parse_serve_args({"models": ["x"], "api_key": ""}).resolved_api_key() == "from-env"
+    monkeypatch.delenv("RAY_FT_API_KEY")
+    assert parse_serve_args({"models": ["x"]}).resolved_api_key() is None
 
 
 def test_replicas_option():
@@ -101,90 +105,165 @@ def test_replicas_option():
             parse_replicas(bad)
 
 
+def test_lora_runs_sharing_a_base_become_adapters_named_after_their_directories(tiny_model_dir, tmp_path):
+    a = make_adapter_run(tmp_path, "vi-qa", tiny_model_dir, rank=8)
+    b = make_adapter_run(tmp_path, "en-qa", tiny_model_dir, method="qlora", rank=16)
+    plan = resolve_plan([str(a), str(b / "trainable")])
+    assert plan.engine == "vllm"
+    assert plan.base.path == str(tiny_model_dir.resolve()) and plan.base.name == tiny_model_dir.name
+    assert [(m.name, m.lora_rank) for m in plan.adapters] == [("vi-qa", 8), ("en-qa", 16)]
+    assert plan.adapters[0].prompt_format == PLAIN
+    named = resolve_plan([str(a), str(b)], names=["one", "two"], base_name="base")
+    assert [m.name for m in named.models] == ["base", "one", "two"]
+    assert named.get(None).name == "base" and named.get("two").path.endswith("trainable")
+    assert named.get("nope") is None
+
+
+def test_a_plan_refuses_what_one_endpoint_cannot_serve(tiny_model_dir, merged_artifact, tmp_path):
+    other_base = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dir, other_base)
+    a = make_adapter_run(tmp_path, "a", tiny_model_dir)
+    b = make_adapter_run(tmp_path, "b", other_base)
+    with pytest.raises(ArtifactError, match="share a base"):
+        resolve_plan([str(a), str(b)])
+    with pytest.raises(ArtifactError, match="one base model"):
+        resolve_plan([str(a), str(merged_artifact)])
+    with pytest.raises(ArtifactError, match="repeats"):
+        resolve_plan([str(a), str(a)])
+    with pytest.raises(ArtifactError, match="names both"):
+        resolve_plan([str(a)], base_name="a")
+    # A merged model alone, and the base given beside its adapters, are both fine.
+    assert resolve_plan([str(merged_artifact)]).base.name == "run"
+    assert [m.name for m in resolve_plan([str(tiny_model_dir), str(a)]).models] == [tiny_model_dir.name, "a"]
+
+
+def test_prompt_tuning_and_classifiers_go_to_the_transformers_engine_alone(tiny_model_dir, tmp_path):
+    meta = {"method": "prompt_tuning", "task": "generation", "artifact": "export", "prompt_format": PLAIN}
+    export = write_artifact(tmp_path / "pt" / "export", _copy_model(tiny_model_dir), meta)
+    plan = resolve_plan([str(export)])
+    assert (plan.engine, plan.task, plan.base.name) == ("transformers", "generation", "pt")
+    probe = {"method": "linear_probe", "task": "classification", "artifact": "export"}
+    write_artifact(tmp_path / "probe" / "export", _copy_model(tiny_model_dir), probe)
+    write_artifact(tmp_path / "probe" / "trainable", lambda d: None, {**probe, "artifact": "trainable"})
+    assert resolve_plan([str(tmp_path / "probe")]).task == "classification"
+    a = make_adapter_run(tmp_path, "a", tiny_model_dir)
+    with pytest.raises(ArtifactError, match="served alone"):
+        resolve_plan([str(export), str(a)])
+
+
+def test_engine_arguments_parse_with_vllms_own_parser(tiny_model_dir, tmp_path):
+    pytest.importorskip("vllm")
+    from ray_ft.serving.vllm_engine import engine_cli_args, parse_engine_args
+
+    a = make_adapter_run(tmp_path, "a", tiny_model_dir, rank=12)
+    plan = resolve_plan([str(a)])
+    args = parse_serve_args({"models": [str(a)], "engine": {"kv_cache_gib": 0.5, "max_num_seqs": 8}})
+    ns = parse_engine_args(engine_cli_args(plan, args, "bfloat16", on_gpu=False), {"seed": 3})
+    assert ns.model == str(tiny_model_dir.resolve()) and ns.served_model_name == [tiny_model_dir.name]
+    assert ns.enable_lora and ns.max_lora_rank == 16 and ns.enforce_eager and ns.max_num_seqs == 8
+    assert ns.kv_cache_memory_bytes == 512 << 20 and ns.max_model_len == 256 and ns.seed == 3
+    assert [m.name for m in ns.lora_modules] == ["a"]
+    assert ns.trust_request_chat_template and not ns.trust_remote_code
+    on_gpu = parse_engine_args(engine_cli_args(plan, args, "bfloat16", on_gpu=True), {})
+    assert not on_gpu.enforce_eager and on_gpu.distributed_executor_backend != "mp"
+    with pytest.raises(ValueError, match="engine.extra.nonsense"):
+        parse_engine_args(engine_cli_args(plan, args, "bfloat16", on_gpu=False), {"nonsense": 1})
+
+
+def _completion(**body):
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return CompletionRequest.model_validate({"prompt": "hi", **body})
+
+
+def _chat(**body):
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **body})
+
+
 @pytest.mark.parametrize(
-    "body, param",
+    ("make", "body", "param"),
     [
-        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-        ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),  # strict: no string-to-int coercion
-        ({"prompt": "hi", "temperature": 2.01}, "temperature"),
-        ({"prompt": "hi", "top_p": 0.0}, "top_p"),
-        ({"prompt": "hi", "n": 3}, "n"),
-        ({"prompt": "hi", "echo": True}, "echo"),
-        ({"prompt": "hi", "logit_bias": {"1": 2.0}}, "logit_bias"),
-        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
-        ({"prompt": None}, "prompt"),
-        ({"prompt": ["a", 1]}, "prompt[1]"),
-        ({"prompt": "hi", "unknown_field": 1}, "unknown_field"),
+        ("completion", {"max_tokens": 10**9}, "max_tokens"),
+        ("chat", {"max_completion_tokens": 4, "max_tokens": 10**9}, "max_tokens"),
+        ("chat", {"max_completion_tokens": 10**9}, "max_completion_tokens"),
+        ("completion", {"n": 5}, "n"),
+        ("completion", {"logprobs": 6}, "logprobs"),
+        ("chat", {"top_logprobs": 6, "logprobs": True}, "top_logprobs"),
+        ("completion", {"stop": ["x" * 65]}, "stop[0]"),
+        ("completion", {"prompt": ["a"] * 17}, "prompt"),
+        ("completion", {"prompt": "y" * 8001}, "prompt"),
+        ("completion", {"kv_transfer_params": {"a": 1}}, "kv_transfer_params"),
+        ("completion", {"surprise": 1}, "surprise"),
+        ("chat", {"chat_template": "{{ 1 }}"}, "chat_template"),
+        ("chat", {"messages": [{"role": "system", "content": "s"}]}, "messages"),
+        ("completion", {"prompt": "\ud800"}, None),
     ],
 )
-def test_completion_request_rejects(body, param):
-    with pytest.raises(ValidationError) as info:
-        CompletionRequest.model_validate(body)
-    deepest = max(info.value.errors(), key=lambda e: len(e["loc"]))
-    assert _param_of(("body", *deepest["loc"])) == param
+def test_request_checks_refuse_with_the_parameter_named(make, body, param):
+    pytest.importorskip("vllm")
+    from ray_ft.serving import requests as checks
+    from ray_ft.serving.args import RequestLimits
+    from ray_ft.serving.errors import ApiError
 
-
-def test_chat_request_and_limits():
-    req = ChatCompletionRequest.model_validate(
-        {
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
-            "stop": "##",
-            "temperature": 1,
-            "max_tokens": 5,
-        }
-    )
-    assert req.messages[0].text() == "ab"
-    params = sampling_params(req, RequestLimits(), req.max_tokens, ["Human:"])
-    assert params.stop == ("Human:", "##") and params.max_new_tokens == 5 and params.temperature == 1.0
-    default = sampling_params(
-        ChatCompletionRequest.model_validate({"messages": req.model_dump()["messages"]}),
-        RequestLimits(default_max_tokens=7),
-        None,
-        [],
-    )
-    assert default.max_new_tokens == 7 and default.temperature == 0.0 and default.top_p == 1.0
-    from ray_ft.serving import ApiError
-
+    request = _completion(**body) if make == "completion" else _chat(**body)
+    limits = RequestLimits()
     with pytest.raises(ApiError) as info:
-        sampling_params(req, RequestLimits(max_tokens=4), 5, [])
-    assert info.value.status == 400 and info.value.param == "max_tokens"
-    assert RequestLimits(max_tokens=4).default_tokens() == 4
-    with pytest.raises(ValidationError):
-        ChatCompletionRequest.model_validate({"messages": [{"role": "tool", "content": "x"}]})
-    with pytest.raises(ValidationError):
-        RequestLimits(max_tokens=8, default_max_tokens=9)
+        checks.check_fields(request, checks.COMPLETION_FIELDS if make == "completion" else checks.CHAT_FIELDS)
+        checks.check_text(request)
+        if make == "completion":
+            checks.check_prompts(request, limits)
+        else:
+            checks.check_messages(request, limits)
+        checks.check_sampling(request, limits, set(body))
+    assert info.value.status == 400 and info.value.param == param, info.value.message
 
 
-def earliest_stop_cut(text: str, stops: list[str]) -> str:
-    """What a non-streamed answer holds: text before the earliest stop string, stripped."""
-    cuts = [text.find(s) for s in stops if s in text]
-    return (text[: min(cuts)] if cuts else text).strip()
+def test_request_defaults_are_greedy_and_bounded():
+    pytest.importorskip("vllm")
+    from ray_ft.serving import requests as checks
+    from ray_ft.serving.args import RequestLimits
+
+    request = _completion()
+    checks.check_sampling(request, RequestLimits(max_tokens=32), {"prompt"})
+    assert (request.max_tokens, request.temperature) == (32, 0.0)  # min(64, max_tokens), greedy
+    chat = _chat(max_completion_tokens=8, temperature=0.5)
+    checks.check_sampling(chat, RequestLimits(), {"messages", "max_completion_tokens", "temperature"})
+    assert (chat.max_completion_tokens, chat.temperature) == (8, 0.5)
+    checks.check_fields(_completion(logit_bias=None), checks.COMPLETION_FIELDS)  # an explicit null asks for nothing
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    text=st.text(alphabet="ab \nH:", max_size=40),
-    stops=st.lists(st.text(alphabet="ab \nH:", min_size=1, max_size=4), max_size=3),
-    cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=8),
-)
-def test_streamed_deltas_add_up_to_the_cut_text(text, stops, cuts):
-    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
-    stream = StopTextFilter(stops)
-    sent = ""
-    for piece in pieces:
-        sent += stream.push(piece)
-        if stream.stopped:
-            break
-    sent += stream.finish()
-    assert sent == earliest_stop_cut(text, stops)
+def test_the_gate_checks_one_api_key_header_before_reading_the_body():
+    import asyncio
 
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
 
-def test_stop_text_is_held_back_until_it_cannot_match():
-    stream = StopTextFilter(["Human:"])
-    assert stream.push(" Hello Hu") == "Hello"
-    assert stream.push("m") == ""
-    assert stream.push("an: next turn") == ""
-    assert stream.stopped and stream.finish() == ""
-    other = StopTextFilter(["Human:"])
-    assert other.push("Hug") == "Hug"
+    from ray_ft.serving.gate import RequestGate
+
+    async def echo(request):
+        return JSONResponse({"size": len(await request.body())})
+
+    app = RequestGate(Starlette(routes=[Route("/v1/x", echo, methods=["POST"]), Route("/health", echo)]),
+                      api_key="k", max_body_bytes=2048, body_timeout_s=5)  # fmt: skip
+
+    async def call(headers, body=b"{}", path="/v1/x", method="POST"):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.request(method, path, headers=headers, content=body)
+
+    def status(*args, **kwargs) -> int:
+        return asyncio.run(call(*args, **kwargs)).status_code
+
+    json_type = ("Content-Type", "application/json")
+    assert status([("Authorization", "Bearer k"), json_type]) == 200
+    assert status([("Authorization", "Bearer nope"), json_type]) == 401
+    assert status([json_type]) == 401
+    assert status([("Authorization", "Bearer nope"), ("Authorization", "Bearer k"), json_type]) == 401
+    assert status([("Authorization", "Bearer k"), json_type, ("Content-Type", "text/plain")]) == 400
+    assert status([("Authorization", "Bearer k"), ("Content-Type", "text/plain")]) == 415
+    assert status([("Authorization", "Bearer k"), json_type], body=b"x" * 4096) == 413
+    assert status([], method="GET", path="/health", body=b"") == 200
