@@ -23,13 +23,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from ray_ft.data import read_jsonl
+    from ray_ft.data import check_data
 
-    ds = read_jsonl(args.file, args.format)
-    report = {"file": ds.path, "format": ds.format, **ds.stats}
+    # One pass over the rows holding their split hashes only, so memory stays flat however large the data.
+    ds = check_data(args.file, args.format, file_format=args.file_format)
+    report = {"file": ds.path, "format": ds.format, "files": len({s.uri for s in ds.sources}), **ds.stats}
     if ds.labels:
-        counts = {label: sum(str(r["label"]) == label for r in ds.records) for label in ds.labels}
-        report["labels"] = counts
+        report["labels"] = dict(sorted(ds.labels.items()))
     print(json.dumps(report, ensure_ascii=False, indent=1))
     return 0
 
@@ -96,9 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="inspect training data").add_subparsers(dest="data_command", required=True)
-    check = data.add_parser("check", help="validate a JSONL file and print counts (exit 2 on bad data)")
-    check.add_argument("file")
-    check.add_argument("--format", default="auto", choices=["auto", "qa", "io", "chat", "classification"])
+    check = data.add_parser("check", help="validate data files and print counts (exit 2 on bad data)")
+    check.add_argument("file", help="a file, glob, save_to_disk directory or URI (s3://...)")
+    check.add_argument(
+        "--format", default="auto", choices=["auto", "qa", "io", "chat", "sharegpt", "alpaca", "classification"]
+    )
+    check.add_argument("--file-format", default="auto", choices=["auto", "jsonl", "json", "parquet", "csv", "arrow"])
     check.set_defaults(func=cmd_data_check)
 
     models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)

@@ -159,13 +159,15 @@ def run_comparison(
 ) -> list[dict[str, Any]]:
     """Train every method in turn (child MLflow runs of one parent); write and log ``compare.md``/``.json``."""
     from ray_ft.job import run_training
+    from ray_ft.outputs import check_output_dir, prepare_output_dir, write_file
 
     configs = configs or config_dir()
-    out = Path(output_dir).resolve()
+    out = check_output_dir(output_dir)
     cfgs = {}
     for method in methods:  # every config is validated before anything trains
         path = configs / f"{method}.yaml"
         cfgs[method] = load_config(path, [f"output_dir={out / method}", *overrides_for(method, overrides)])
+    prepare_output_dir(out)  # marked as ray-ft's before the method runs fill it
     first = cfgs[methods[0]]
     stamp = time.strftime("%Y-%m-%d %H:%M %Z")
     machine = _machine()
@@ -197,12 +199,11 @@ def run_comparison(
     finally:
         if rows:
             table = format_table(rows)
-            out.mkdir(parents=True, exist_ok=True)
             note = f"Measured {stamp} on {machine}; overrides: {' '.join(overrides) or '(none)'}."
-            (out / "compare.md").write_text(f"{table}\n\n{note}\n", encoding="utf-8")
-            (out / "compare.json").write_text(
+            write_file(out / "compare.md", f"{table}\n\n{note}\n")
+            write_file(
+                out / "compare.json",
                 json.dumps({"date": stamp, "machine": machine, "overrides": overrides, "rows": rows}, indent=1),
-                encoding="utf-8",
             )
             tracking.log_artifact(uri, parent, out / "compare.md")
             tracking.log_artifact(uri, parent, out / "compare.json")

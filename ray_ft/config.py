@@ -7,14 +7,36 @@ Every section is a small pydantic model that forbids unknown keys, so a typo suc
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+# ``ray_ft.text`` imports nothing from ray_ft: it sits below this module, so dependencies still run one way.
+from ray_ft.text import MAX_NESTING, check_nesting, find_invalid_text, too_deep_at
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+MAX_CONFIG_BYTES = 4 << 20
+"""Largest config file read."""
+
+# Numeric field types: every number in every section is one of these (floats are finite everywhere, see
+# ``StrictModel``), so a negative count, a zero that used to mean "unset", or a size that would exhaust memory is
+# refused when the config is loaded, naming the field.
+Count = Annotated[int, Field(ge=1, le=1_000_000_000)]
+"""A positive count of steps, examples or trials."""
+Size = Annotated[int, Field(ge=1, le=1 << 20)]
+"""A positive size that memory grows with (batch sizes, sequence lengths, ranks, tokens)."""
+NonNegative = Annotated[int, Field(ge=0, le=1_000_000_000)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+"""A random seed (NumPy's range)."""
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 
 
 class ConfigError(ValueError):
@@ -26,7 +48,9 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every config section: unknown keys are errors and no float may be NaN or infinite."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(StrictModel):
@@ -48,42 +72,37 @@ class DataConfig(StrictModel):
     """Where the data is and how examples become token sequences."""
 
     path: str = "ray_ft/datasets/vi_ai_qa.jsonl"
-    format: Literal["auto", "qa", "io", "chat", "classification"] = "auto"
+    """A file, a glob (``data/*.parquet``), a ``datasets.save_to_disk`` directory or a URI (``s3://...``, ``gs://...``;
+    credentials from the usual environment, ``AWS_ENDPOINT_URL`` for S3-compatible servers)."""
+    format: Literal["auto", "qa", "io", "chat", "sharegpt", "alpaca", "classification"] = "auto"
+    """Record shape; ``auto`` takes the one of the first valid record."""
+    file_format: Literal["auto", "jsonl", "json", "parquet", "csv", "arrow"] = "auto"
+    """File format of every file; ``auto`` tells each file's from its name and first bytes."""
     template: str = "Human: {question} Assistant: {answer}"
     """Prompt template; must contain ``{question}`` and end with ``{answer}``."""
     use_chat_template: bool = False
     """Render with the tokenizer's chat template instead of ``template``."""
-    val_fraction: float = 0.1
-    max_length: int = 512
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    """Conversations: take the loss on every assistant turn, or on the last one only (earlier ones are context)."""
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    max_length: Annotated[int, Field(ge=2, le=1 << 20)] = 512
     """Longest sequence kept (longer ones are truncated from the left of the prompt)."""
     dedupe: bool = True
-    seed: int = 42
-    limit: int | None = None
+    seed: Seed = 42
+    limit: Count | None = None
     """Use a seeded random sample of this many examples (after validation and cleaning), e.g. for quick runs."""
-    streaming: bool = False
-    """Feed training batches through Ray Data: the records are shuffled and tokenised by Ray Data each epoch and
-    streamed to each worker's shard with prefetching, instead of every worker tokenising the whole set up front.
-    Micro-batches are length-grouped within windows of 16. A resumed run continues at its step with a fresh pass."""
-
-    @field_validator("limit")
-    @classmethod
-    def _limit(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError("must be >= 1")
-        return v
+    streaming: bool | None = None
+    """Feed training through Ray Data: files are read, validated and split by Ray Data tasks, every example is
+    tokenised once per epoch in a Ray Data actor pool and streamed to each worker's shard with prefetching; the
+    driver holds no records. Micro-batches are length-grouped within windows of 16. A resumed run continues at its
+    step with a fresh pass. ``null`` (auto): streamed when the data is remote or over 64 MiB on disk, in memory
+    otherwise."""
 
     @field_validator("template")
     @classmethod
     def _template_fields(cls, v: str) -> str:
         if "{question}" not in v or not v.rstrip().endswith("{answer}"):
             raise ValueError("must contain '{question}' and end with '{answer}'")
-        return v
-
-    @field_validator("val_fraction")
-    @classmethod
-    def _fraction(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
         return v
 
 
@@ -96,22 +115,27 @@ class MethodConfig(StrictModel):
 class TrainConfig(StrictModel):
     """The optimisation loop."""
 
-    epochs: float = 3.0
-    max_steps: int | None = None
-    """Optimizer steps; overrides ``epochs`` when set."""
-    batch_size: int = 8
+    epochs: Annotated[float, Field(gt=0.0, le=1_000_000)] = 3.0
+    max_steps: Count | None = None
+    """Optimizer steps; overrides ``epochs`` when set (``null``: from ``epochs``; 0 is an error)."""
+    min_steps: Count | None = 50
+    """Floor on optimizer steps when training by ``epochs``: on a small training set whose epochs at the
+    configured global batch give fewer, the global batch shrinks (``grad_accum`` first, then ``batch_size``) to the
+    largest that reaches it; the run prints what it chose. ``null`` keeps the configured batch."""
+    batch_size: Size = 8
     """Micro-batch per worker."""
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
+    grad_accum: Size = 1
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 2e-4
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_ratio: Fraction = 0.05
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    log_every: int = 1
-    eval_every: int | None = None
-    """Steps between validation passes (and checkpoints); default: once per epoch."""
-    keep_checkpoints: int = 2
+    max_grad_norm: NonNegativeFloat = 1.0
+    """Gradient clipping norm; 0 turns clipping off."""
+    seed: Seed = 42
+    log_every: Count = 1
+    eval_every: Count | None = None
+    """Steps between validation passes (and checkpoints); ``null``: once per epoch (0 is an error)."""
+    keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = 2
     gradient_checkpointing: bool = False
     packing: bool = False
     """Pack each micro-batch into one row without padding: position ids restart per example and attention
@@ -120,19 +144,27 @@ class TrainConfig(StrictModel):
     """``torch.compile`` the model (inductor, dynamic shapes) through DeepSpeed's ``engine.compile``. The first step
     includes compiling (seconds for a tiny model, about ten minutes for a 135M one on one CPU core; inductor caches
     the result for the next run); it pays off on long runs, mostly on GPU."""
+    attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """Attention kernel (transformers' ``attn_implementation``): ``auto`` is the model's default (SDPA for most
+    architectures); ``flash_attention_2`` needs GPUs (``scaling.use_gpu``) and the ``flash-attn`` package, and runs
+    packed rows (``train.packing``) through its variable-length kernel."""
+    fused_linear_cross_entropy: bool = False
+    """Liger-Kernel's fused linear + cross-entropy: the loss is computed chunk by chunk from the last hidden
+    states, never holding the (tokens x vocabulary) logits; for large vocabularies. Needs GPUs
+    (``scaling.use_gpu``) and the ``liger-kernel`` package."""
 
-    @field_validator("batch_size", "grad_accum", "log_every", "keep_checkpoints")
+    @field_validator("attention")
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
+    def _attention_installed(cls, v: str) -> str:
+        if v == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("flash_attention_2 needs the flash-attn package (ray-ft[gpu-kernels]); not installed")
         return v
 
-    @field_validator("lr", "epochs")
+    @field_validator("fused_linear_cross_entropy")
     @classmethod
-    def _positive_float(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be > 0")
+    def _liger_installed(cls, v: bool) -> bool:
+        if v and importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError("needs the liger-kernel package (extra ray-ft[gpu-kernels]); not installed")
         return v
 
 
@@ -143,116 +175,109 @@ class DeepSpeedConfig(StrictModel):
     extra: dict[str, Any] = {}
     """Merged into the generated DeepSpeed config dict (expert escape hatch)."""
 
+    @field_validator("extra")
+    @classmethod
+    def _plain_values(cls, v: dict[str, Any]) -> dict[str, Any]:
+        stack: list[Any] = [v]
+        while stack:  # iterative: load_config has already bounded the nesting
+            node = stack.pop()
+            if isinstance(node, float) and not math.isfinite(node):
+                raise ValueError(f"numbers must be finite, got {node}")
+            if isinstance(node, dict):
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+        return v
+
 
 class ScalingConfig(StrictModel):
     """Ray resources and storage."""
 
-    num_workers: int = 2
+    num_workers: Annotated[int, Field(ge=0, le=10_000)] = 2
+    """Ray Train workers; 0 runs the loop in the driver process (Ray Train local mode)."""
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Annotated[float, Field(gt=0.0, le=1024)] = 1.0
     address: str | None = None
     """Ray cluster address; default ``RAY_ADDRESS`` or a new local Ray."""
     storage_path: str | None = None
     """Where Ray Train persists checkpoints (local dir, NFS, ``s3://``...); default ``OUTPUT_DIR/ray``."""
-    max_failures: int = 2
+    max_failures: Annotated[int, Field(ge=0, le=1000)] = 2
 
 
 class TrackingConfig(StrictModel):
     tracking_uri: str | None = None
     """MLflow URI; default ``MLFLOW_TRACKING_URI`` or ``sqlite:///<mlflow_dir>/mlflow.db``."""
     mlflow_dir: str = "~/.cache/ray-ft/mlflow"
-    experiment: str = "ray-ft"
+    experiment: Annotated[str, Field(min_length=1, max_length=500)] = "ray-ft"
     registered_model: str | None = "ray-ft-{method}"
+    """Name of the MLflow registered model the artifact becomes a version of; ``{method}`` is replaced by the
+    method name; ``null``: not registered."""
+
+    @field_validator("registered_model")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        # MLflow refuses these names only when registering, after training; check them up front.
+        if v is None:
+            return v
+        try:
+            name = v.format(method="method")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"the only placeholder allowed is {{method}} ({type(e).__name__}: {e})") from None
+        if not name.strip() or len(name) > 256:
+            raise ValueError("must be 1 to 256 characters")
+        if any(c in name for c in "/:") or name.strip() in (".", ".."):
+            raise ValueError("MLflow model names cannot contain '/' or ':' or be '.' or '..'")
+        if not name.isprintable():
+            raise ValueError("must hold printable characters only")
+        return v
 
 
 class EvalConfig(StrictModel):
     enabled: bool = True
-    max_new_tokens: int = 64
-    max_examples: int = 64
+    max_new_tokens: Size = 64
+    max_examples: NonNegative = 64
     """Questions per split to generate for (train and validation)."""
-    batch_size: int = 16
+    batch_size: Size = 16
     compare_base: bool = True
-    show_examples: int = 3
+    show_examples: NonNegative = 3
 
 
 class SearchConfig(StrictModel):
     """Ray Tune search over LoRA hyper-parameters (``ray-ft tune``)."""
 
-    r: list[int] = [4, 8, 16]
+    r: Annotated[list[Size], Field(min_length=1)] = [4, 8, 16]
     """LoRA ranks to choose from."""
-    alpha: list[int] | None = None
+    alpha: Annotated[list[Size], Field(min_length=1)] | None = None
     """LoRA alphas to choose from; when set it wins over ``alpha_multiple``."""
-    alpha_multiple: list[float] | None = [1.0, 2.0]
+    alpha_multiple: Annotated[list[Annotated[float, Field(gt=0.0, le=1000)]], Field(min_length=1)] | None = [1.0, 2.0]
     """Alpha as a multiple of the sampled ``r`` (``alpha = round(multiple * r)``)."""
-    lr: tuple[float, float] = (1e-4, 2e-3)
+    lr: tuple[Annotated[float, Field(gt=0.0, le=10.0)], Annotated[float, Field(gt=0.0, le=10.0)]] = (1e-4, 2e-3)
     """Learning-rate range ``(low, high)``, sampled log-uniformly; ``low == high`` fixes it."""
-    dropout: list[float] | None = None
+    dropout: Annotated[list[Annotated[float, Field(ge=0.0, lt=1.0)]], Field(min_length=1)] | None = None
     """LoRA dropouts to choose from (default: ``method.dropout``)."""
-    num_samples: int = 4
+    num_samples: Annotated[int, Field(ge=1, le=100_000)] = 4
     """Trials to run."""
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "fifo"] = "asha"
     """``asha`` stops weak trials early at rungs of ``grace_period * reduction_factor**k`` steps; ``fifo`` runs
     every trial to the end."""
-    grace_period: int = 1
+    grace_period: Count = 1
     """Steps a trial runs before ASHA may stop it."""
-    reduction_factor: int = 2
+    reduction_factor: Annotated[int, Field(ge=2, le=1000)] = 2
     search_alg: Literal["random", "optuna"] = "random"
-    seed: int | None = None
+    seed: Seed | None = None
     """Seed for drawing trials: the same seed draws the same hyper-parameters."""
-    max_concurrent_trials: int | None = None
+    max_concurrent_trials: Annotated[int, Field(ge=1, le=100_000)] | None = None
     """Default: as many trials as the cluster's CPUs/GPUs hold at once."""
-    max_failures: int = 1
+    max_failures: Annotated[int, Field(ge=0, le=1000)] = 1
     """Times a crashed trial is restarted (from its last checkpoint) before it counts as failed."""
-
-    @field_validator("r", "alpha")
-    @classmethod
-    def _positive_ints(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or min(v) < 1):
-            raise ValueError("must be a non-empty list of values >= 1")
-        return v
-
-    @field_validator("alpha_multiple")
-    @classmethod
-    def _positive_multiples(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and (not v or min(v) <= 0):
-            raise ValueError("must be a non-empty list of values > 0")
-        return v
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropouts(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and (not v or not all(0 <= d < 1 for d in v)):
-            raise ValueError("must be a non-empty list of values in [0, 1)")
-        return v
 
     @field_validator("lr")
     @classmethod
     def _lr_range(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0 < v[0] <= v[1]:
             raise ValueError("must be [low, high] with 0 < low <= high")
-        return v
-
-    @field_validator("num_samples", "grace_period", "max_concurrent_trials")
-    @classmethod
-    def _at_least_one(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
-    @field_validator("reduction_factor")
-    @classmethod
-    def _reduction(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError("must be >= 2")
-        return v
-
-    @field_validator("max_failures")
-    @classmethod
-    def _non_negative(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0")
         return v
 
 
@@ -292,6 +317,21 @@ class ExperimentConfig(StrictModel):
         from ray_ft.methods import get_method
 
         get_method(self.method.name).check(self)
+        self._check_kernels()
+
+    def _check_kernels(self) -> None:
+        """Refuse GPU-only kernels (``train.attention``, ``train.fused_linear_cross_entropy``) where they cannot run."""
+        flash, fused = self.train.attention == "flash_attention_2", self.train.fused_linear_cross_entropy
+        for key, on in (("train.attention=flash_attention_2", flash), ("train.fused_linear_cross_entropy", fused)):
+            if on and not self.scaling.use_gpu:
+                raise ValueError(f"{key} runs on CUDA GPUs only; set scaling.use_gpu=true or turn it off")
+        if flash and self.model.dtype == "float32":
+            raise ValueError("train.attention=flash_attention_2 computes in bf16/fp16; set model.dtype auto/bfloat16")
+        if fused and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "train.fused_linear_cross_entropy reads the output projection's weight directly, which ZeRO-3 "
+                "partitions; use deepspeed.zero_stage 0-2 with it"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -303,19 +343,30 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError([f"override {item!r}: expected key=value"])
+            raise ConfigError([f"override {_short(item)}: expected key=value"])
+        parts = key.split(".")
+        if len(parts) > MAX_NESTING or not all(parts):
+            raise ConfigError([f"override {_short(key)}: expected section.field names separated by single dots"])
+        if too_deep_at(raw) is not None:
+            raise ConfigError([f"override {_short(key)}: value nested more than {MAX_NESTING} levels deep"])
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise ConfigError([f"override {_short(key)}: value nested more than {MAX_NESTING} levels deep"]) from None
         node = tree
-        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError([f"override {item!r}: {part!r} is not a section"])
+                raise ConfigError([f"override {_short(item)}: {part!r} is not a section"])
         node[parts[-1]] = value
     return tree
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """``repr`` of ``text`` cut to ``limit`` characters (error messages stay one readable line)."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -328,6 +379,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+_BOUND_KEYS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
+
+
 def format_validation_error(source: str, err: ValidationError) -> list[str]:
     msgs = []
     for e in err.errors():
@@ -335,10 +390,84 @@ def format_validation_error(source: str, err: ValidationError) -> list[str]:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] in _BOUNDS:
+            msg = f"must be {_BOUNDS[e['type']]} {e['ctx'][_BOUND_KEYS[e['type']]]}"
+        elif e["type"] == "finite_number":
+            msg = "must be a finite number"
         got = e.get("input")
-        detail = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        detail = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {_short(repr(got), 60)[1:-1]})"
         msgs.append(f"{source}: {loc}: {msg}{detail}")
     return msgs
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader; :func:`_read_yaml` adds the checks PyYAML does not make."""
+
+
+def _duplicate_key(root: yaml.Node) -> tuple[str, int] | None:
+    """``(field, line)`` of the first mapping key that repeats an earlier key of the same mapping (PyYAML keeps the
+    last silently), walked iteratively; each node is visited once, so aliases cannot make the walk explode."""
+    stack: list[tuple[str, yaml.Node]] = [("", root)]
+    visited: set[int] = set()
+    while stack:
+        path, node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                field = f"{path}.{key.value}" if path else key.value
+                if key.value in seen:
+                    return field, key.start_mark.line + 1
+                seen.add(key.value)
+                stack.append((field, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(node.value))
+    return None
+
+
+def _read_yaml(p: Path, source: str) -> Any:
+    """Parse a YAML config file, refusing what would crash or mislead later steps: files over
+    :data:`MAX_CONFIG_BYTES`, non-UTF-8 bytes, nesting deeper than :data:`ray_ft.text.MAX_NESTING` (PyYAML recurses
+    per level), duplicated keys, alias expansions beyond :data:`ray_ft.text.MAX_NODES` values and strings that are
+    not valid Unicode text. A UTF-8 byte-order mark is accepted."""
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{source}: larger than {MAX_CONFIG_BYTES} bytes; not a config file"])
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"{source}:{line}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    deep = too_deep_at(text)
+    if deep is not None:
+        line = text.count("\n", 0, deep) + 1
+        raise ConfigError([f"{source}:{line}: nested more than {MAX_NESTING} levels deep"])
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        duplicate = _duplicate_key(node) if node is not None else None
+        if duplicate:
+            raise ConfigError([f"{source}:{duplicate[1]}: {duplicate[0]}: duplicated key"])
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"{source}{where}: invalid YAML: {getattr(e, 'problem', e)}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{source}: nested more than {MAX_NESTING} levels deep"]) from None
+    finally:
+        loader.dispose()
+    return data
+
+
+def _check_document(data: Any, source: str) -> None:
+    problem = check_nesting(data) or find_invalid_text(data)
+    if problem:
+        raise ConfigError([f"{source}: {problem}"])
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -357,19 +486,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError([f"{source}: config file not found"])
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError([f"{source}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError([f"{source}{where}: invalid YAML: {getattr(e, 'problem', e)}"]) from None
+        data = _read_yaml(p, source) or {}
+        _check_document(data, source)
         if not isinstance(data, dict):
             raise ConfigError([f"{source}: top level must be a mapping, got {type(data).__name__}"])
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         source = f"{source} (with overrides)"
+        _check_document(data, source)
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
@@ -379,5 +503,18 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (loadable by :func:`load_config`)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    """Write the resolved config as YAML (loadable by :func:`load_config`).
+
+    The file is written beside ``path`` and renamed over it, so a symlink at ``path`` is replaced, not followed.
+    """
+    path = Path(path)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ray_ft.data import IGNORE_INDEX, PromptFormat, answer_of, collate, encode_generation, question_of
+from ray_ft.data import IGNORE_INDEX, PromptFormat, answer_of, collate, context_of, encode_generation, question_of
 
 
 class _WhitespaceTokenizer:
@@ -67,7 +67,9 @@ def evaluate_generation(
     """Metrics for one model on one split, plus the predictions."""
     questions = [question_of(r) for r in records]
     references = [answer_of(r) for r in records]
-    predictions = generator.answer(questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    # Each prompt is the whole conversation before the answer (earlier turns too), rendered as in training.
+    contexts = [context_of(r) for r in records]
+    predictions = generator.answer(contexts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     loss = answer_loss(generator.model, generator.tokenizer, records, generator.fmt, max_length, batch_size)
     return {
         "loss": loss,
@@ -89,6 +91,7 @@ def evaluate_run(cfg, model_dir: str, artifact_dir, train: list[dict], val: list
 
     n = cfg.eval.max_examples
     splits = {"train": train[:n], "validation": val[:n]}
+    # Generator.load places each model with ray_ft.device.select_device: on the GPU when the driver has one.
     models = {"tuned": Generator.load(artifact_dir)}
     if cfg.eval.compare_base:
         base = Generator.load(
@@ -102,7 +105,7 @@ def evaluate_run(cfg, model_dir: str, artifact_dir, train: list[dict], val: list
         for split_name, records in splits.items():
             if not records:
                 continue
-            print(f"[ray-ft] evaluating {name} on {len(records)} {split_name} questions", flush=True)
+            print(f"[ray-ft] evaluating {name} on {len(records)} {split_name} questions ({gen.device})", flush=True)
             metrics[name][split_name] = evaluate_generation(
                 gen,
                 records,
@@ -202,5 +205,8 @@ def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path, titl
         ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from ray_ft.outputs import replacing
+
+    with replacing(path) as tmp:  # a symlink at ``path`` is replaced, not written through
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -34,38 +34,84 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
+def write_manifest(directory: Path, name: str = MANIFEST) -> None:
+    """List every file under ``directory`` (except ``*MANIFEST*.json`` files) with size and SHA-256 in ``name``."""
     files = {
         str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and not (p.parent == directory and p.name.startswith("MANIFEST") and p.suffix == ".json")
     }
-    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    (directory / name).write_text(json.dumps({"files": files}, indent=1))
 
 
-def verify_manifest(directory: str | Path, checksums: bool = True) -> dict[str, Any]:
-    """Check that every file listed in the manifest is present and intact; return the metadata."""
+def verify_manifest(directory: str | Path, checksums: bool = True, name: str = MANIFEST) -> dict[str, Any]:
+    """Check that every file listed in the manifest ``name`` is present and intact; return the metadata."""
     directory = Path(directory)
-    manifest = directory / MANIFEST
+    manifest = directory / name
     if not manifest.is_file():
-        raise ArtifactError(f"{directory}: no {MANIFEST} (not a ray-ft artifact, or it was not written completely)")
-    files = json.loads(manifest.read_text())["files"]
-    for rel, info in files.items():
+        raise ArtifactError(f"{directory}: no {name} (not written by ray-ft, or not written completely)")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        entries = [(str(rel), int(info["size"]), str(info["sha256"])) for rel, info in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ArtifactError(f"{directory}: {name} is not a ray-ft manifest") from None
+    for rel, size, sha256 in entries:
         p = directory / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or p.is_symlink():
+            raise ArtifactError(f"{directory}: {name} lists {rel!r}, a path outside the directory")
         if not p.is_file():
             raise ArtifactError(f"{directory}: {rel} is missing")
-        if p.stat().st_size != info["size"] or (checksums and _sha256(p) != info["sha256"]):
-            raise ArtifactError(f"{directory}: {rel} does not match its checksum in {MANIFEST}")
+        if p.stat().st_size != size or (checksums and _sha256(p) != sha256):
+            raise ArtifactError(f"{directory}: {rel} does not match its checksum in {name}")
     meta = directory / METADATA
     return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse unless ``out_dir`` is absent or an artifact ray-ft wrote and nobody added to since.
+
+    Proof is its ``MANIFEST.json`` listing ``ray_ft.json``, every listed file present at its recorded size, and no
+    file the manifest does not list. A symlink is refused (replacing it would not replace what it points to, and
+    following it would write outside ``output_dir``), as is a file.
+
+    Raises:
+        ArtifactError: naming ``out_dir`` and what is in the way.
+    """
+    if out_dir.is_symlink():
+        raise ArtifactError(
+            f"{out_dir}: is a symlink; refusing to replace it (move it away or choose another output_dir)"
+        )
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ArtifactError(f"{out_dir}: exists and is not a directory; refusing to replace it")
+    try:
+        listed = set(json.loads((out_dir / MANIFEST).read_text())["files"])
+        verify_manifest(out_dir, checksums=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = e if isinstance(e, ArtifactError) else f"no readable {MANIFEST}"
+        raise ArtifactError(
+            f"{out_dir}: exists and is not an artifact ray-ft wrote ({reason}); refusing to replace it"
+        ) from None
+    unlisted = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if not p.is_dir())
+    unlisted = [p for p in unlisted if p not in listed and p != MANIFEST]
+    if METADATA not in listed or unlisted:
+        what = f"holds {unlisted[0]}, which ray-ft did not write" if unlisted else f"its manifest lacks {METADATA}"
+        raise ArtifactError(f"{out_dir}: {what}; refusing to replace it")
 
 
 def write_artifact(out_dir: str | Path, write: Callable[[Path], None], metadata: dict[str, Any]) -> Path:
     """Build an artifact with ``write(tmp_dir)``, add metadata + manifest, verify, rename into place.
 
-    An existing ``out_dir`` is replaced only after the new one is complete and verified.
+    An existing ``out_dir`` is replaced only when it is an artifact ray-ft wrote (see :func:`check_replaceable`,
+    checked before anything is written) and only after the new one is complete and verified.
+
+    Raises:
+        ArtifactError: ``out_dir`` holds something else.
     """
-    out_dir = Path(out_dir).resolve()
+    out_dir = Path(out_dir).absolute()
+    out_dir = out_dir.parent.resolve() / out_dir.name  # the last part is replaced, never followed
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -76,6 +122,7 @@ def write_artifact(out_dir: str | Path, write: Callable[[Path], None], metadata:
         write_manifest(tmp)
         verify_manifest(tmp)
         if out_dir.exists():
+            check_replaceable(out_dir)  # again: the write may have taken hours
             old = out_dir.with_name(f".{out_dir.name}.old-{int(time.time())}")
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ray_ft.data import PromptFormat
+from ray_ft.device import select_device
 from ray_ft.export import read_metadata
 from ray_ft.models import load_causal_lm, load_tokenizer
 
@@ -21,8 +22,21 @@ class Generator:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, model_dir: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Generator:
-        """Load a merged model, an exported adapter, or a plain Hugging Face model directory."""
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        prefer_gpu: bool | None = None,
+        dtype: str | None = "auto",
+    ) -> Generator:
+        """Load a merged model, an exported adapter, or a plain Hugging Face model directory.
+
+        The model is placed by :func:`ray_ft.device.select_device` (``prefer_gpu``, ``dtype``): on the GPU in
+        bf16 when there is one.
+        """
+        placement = select_device(prefer_gpu, dtype)
         meta = read_metadata(model_dir)
         if meta.get("task") == "classification":
             raise ValueError(f"{model_dir}: a classifier ({meta.get('method')}); use `ray-ft classify`")
@@ -33,11 +47,16 @@ class Generator:
         else:
             tokenizer = load_tokenizer(str(model_dir), trust_remote_code)
             model = load_causal_lm(
-                str(model_dir), torch.float32, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+                str(model_dir), placement.dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
             )
-        model.eval()
+        model = model.to(device=placement.device, dtype=placement.dtype).eval()
         fmt = PromptFormat(**meta["prompt_format"]) if "prompt_format" in meta else PromptFormat()
         return cls(model=model, tokenizer=tokenizer, fmt=fmt, meta=meta)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model runs on."""
+        return next(self.model.parameters()).device
 
     def stop_text(self) -> str | None:
         """Text that starts a new turn in the template (cut from answers), e.g. ``Human:``."""
@@ -46,7 +65,8 @@ class Generator:
         head = self.fmt.template.split("{question}")[0].strip()
         return head or None
 
-    def prompts(self, questions: list[str]) -> list[str]:
+    def prompts(self, questions: list[str | list[dict[str, str]]]) -> list[str]:
+        """Prompts for questions or conversations ending with a user turn, rendered as in training."""
         return [self.fmt.prompt(q, self.tokenizer) for q in questions]
 
     @torch.inference_mode()
@@ -65,10 +85,13 @@ class Generator:
         tok.padding_side = "left"
         stops = [s for s in (stop or []) if s]
         out: list[dict[str, Any]] = []
-        device = next(self.model.parameters()).device
+        device = self.device
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=not self.fmt.use_chat_template)
+            # Rendered prompts carry their BOS text already (see PromptFormat.render_conversation).
+            rendered = bool(tok.bos_token) and all(p.startswith(tok.bos_token) for p in chunk)
+            special = not self.fmt.use_chat_template and not rendered
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=special)
             enc = {k: v.to(device) for k, v in enc.items()}
             sampling = (
                 {"do_sample": True, "temperature": temperature, "top_p": top_p}
@@ -105,7 +128,7 @@ class Generator:
                 )
         return out
 
-    def answer(self, questions: list[str], **kwargs) -> list[str]:
+    def answer(self, questions: list[str | list[dict[str, str]]], **kwargs) -> list[str]:
         """Answer questions with the training template; the text only."""
         stop = [self.stop_text()] if self.stop_text() else None
         return [r["text"] for r in self.complete(self.prompts(questions), stop=stop, **kwargs)]

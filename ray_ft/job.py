@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from ray_ft import tracking
+from ray_ft.checkpoints import verify_checkpoints
 from ray_ft.config import ExperimentConfig, save_config
-from ray_ft.data import Dataset, PromptFormat, read_jsonl, split
+from ray_ft.data import Dataset, DataSummary, PromptFormat, check_data, find_sources, read_data, split
 from ray_ft.export import write_artifact
 from ray_ft.methods import get_method
 from ray_ft.models import resolve_model_dir
+from ray_ft.outputs import check_output_dir, prepare_output_dir, replacing, write_file
+from ray_ft.sources import Source
 
 
 class JobError(RuntimeError):
@@ -43,15 +46,103 @@ class JobSummary:
     """Seconds in the training driver (``fit``), without export and evaluation."""
 
 
-def load_dataset(cfg: ExperimentConfig) -> tuple[Dataset, list[dict], list[dict]]:
-    """Validate the whole data file and split it (raises ``DataError`` before anything starts)."""
-    ds = read_jsonl(cfg.data.path, cfg.data.format, cfg.data.dedupe)
+STREAM_ABOVE_BYTES = 64 << 20
+"""With ``data.streaming`` unset, local data larger than this on disk is streamed through Ray Data."""
+
+
+def _check_task(cfg: ExperimentConfig, fmt: str) -> None:
     task = get_method(cfg.method.name).task
-    if (ds.format == "classification") != (task == "classification"):
-        want = "classification ({text, label})" if task == "classification" else "qa, io or chat"
-        raise JobError(f"{cfg.data.path}: method {cfg.method.name!r} needs {want} data, got {ds.format!r}")
+    if (fmt == "classification") != (task == "classification"):
+        want = "classification ({text, label})" if task == "classification" else "qa, io, chat, sharegpt or alpaca"
+        raise JobError(f"{cfg.data.path}: method {cfg.method.name!r} needs {want} data, got {fmt!r}")
+
+
+def load_dataset(cfg: ExperimentConfig) -> tuple[Dataset, list[dict], list[dict]]:
+    """Validate all the data in memory and split it (raises ``DataError`` before anything starts)."""
+    ds = read_data(cfg.data.path, cfg.data.format, cfg.data.dedupe, cfg.data.file_format)
+    _check_task(cfg, ds.format)
     train, val = split(ds.records, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
     return ds, train, val
+
+
+def choose_streaming(cfg: ExperimentConfig, sources: list[Source]) -> tuple[bool, str]:
+    """Whether the run streams its data through Ray Data, and why.
+
+    ``data.streaming`` decides when set. Unset: methods with their own driver (linear probe) read in memory;
+    otherwise data on a remote store, or over :data:`STREAM_ABOVE_BYTES` on disk, is streamed, and smaller local
+    data is read in memory (faster to start: no Ray Data pipeline, and each worker tokenises it in seconds).
+    """
+    if cfg.data.streaming is not None:
+        return cfg.data.streaming, f"data.streaming={str(cfg.data.streaming).lower()}"
+    if hasattr(get_method(cfg.method.name), "fit"):
+        return False, f"method {cfg.method.name!r} reads its data in memory"
+    remote = next((s.uri for s in sources if s.remote), None)
+    if remote:
+        return True, f"remote data ({remote})"
+    size = sum(s.size for s in sources)
+    limit = f"{STREAM_ABOVE_BYTES >> 20} MiB"
+    if size > STREAM_ABOVE_BYTES:
+        return True, f"{size / 2**20:.0f} MiB on disk, over {limit}"
+    return False, f"{size / 2**20:.1f} MiB on disk, up to {limit}"
+
+
+@dataclass
+class TrainingData:
+    """A run's data: what the training driver receives and what evaluation reads.
+
+    Attributes:
+        train: Training records, or the checked data set when streamed (read again by Ray Data).
+        val: Validation records (empty when streamed: Ray Data streams them too).
+        eval_train: Training records to evaluate on (the first ``eval.max_examples``).
+        eval_val: Validation records to evaluate on.
+        labels: Sorted label names (classification).
+    """
+
+    train: list[dict] | DataSummary
+    val: list[dict]
+    eval_train: list[dict]
+    eval_val: list[dict]
+    labels: list[str]
+
+
+def load_training_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, TrainingData]:
+    """Check and split the data, choose in memory or streamed, and fit the batch to the training-set size.
+
+    Returns the config to train with (``data.streaming`` resolved, the batch possibly shrunk) and the data. Prints
+    one line on the data, one on the reading path, and one when the batch changed.
+    """
+    from ray_ft.train import fit_batch_to_data, init_ray
+
+    streamed, why = choose_streaming(cfg, find_sources(cfg.data.path, cfg.data.file_format))
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"streaming": streamed})})
+    if streamed:
+        from ray_ft.ingest import sample_records, scan_with_ray
+
+        init_ray(cfg)
+        d = cfg.data
+        limits = {"seed": d.seed, "val_fraction": d.val_fraction, "limit": d.limit}
+        summary = check_data(d.path, d.format, d.dedupe, d.file_format, **limits, scan=scan_with_ray)
+        _check_task(cfg, summary.format)
+        n_train, n_val = summary.plan.n_train, summary.plan.n_val
+        eval_train, eval_val = sample_records(summary, cfg.eval.max_examples)
+        data = TrainingData(summary, [], eval_train, eval_val, sorted(summary.labels))
+        fmt, stats, files = summary.format, summary.stats, len({s.uri for s in summary.sources})
+    else:
+        ds, train, val = load_dataset(cfg)
+        n_train, n_val = len(train), len(val)
+        data = TrainingData(train, val, train, val, ds.labels)
+        fmt, stats, files = ds.format, ds.stats, len({r.get("_source") for r in ds.records})
+    print(
+        f"[ray-ft] data {cfg.data.path}{f' ({files} files)' if files > 1 else ''}: {fmt}, {stats['examples']} "
+        f"examples ({stats['duplicates_dropped']} duplicates dropped, {stats['normalized']} normalised); "
+        f"{f'a seeded sample of {n_train + n_val}; ' if cfg.data.limit else ''}train {n_train}, validation {n_val}",
+        flush=True,
+    )
+    print(f"[ray-ft] data {'streamed through Ray Data' if streamed else 'read in memory'}: {why}", flush=True)
+    cfg, line = fit_batch_to_data(cfg, n_train)
+    if line:
+        print(line, flush=True)
+    return cfg, data
 
 
 def artifact_metadata(cfg: ExperimentConfig, model_dir: str, run_id: str | None, **extra) -> dict[str, Any]:
@@ -86,7 +177,8 @@ def _plot_history(history: list[dict[str, Any]], path: Path) -> bool:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return True
 
@@ -105,21 +197,17 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str
 
     t0 = time.time()
     method = get_method(cfg.method.name)
-    ds, train, val = load_dataset(cfg)
-    print(
-        f"[ray-ft] data {ds.path}: {ds.format}, {ds.stats['examples']} examples "
-        f"({ds.stats['duplicates_dropped']} duplicates dropped, {ds.stats['normalized']} normalised); "
-        f"{f'a seeded sample of {len(train) + len(val)}; ' if cfg.data.limit else ''}"
-        f"train {len(train)}, validation {len(val)}",
-        flush=True,
-    )
+    check_output_dir(cfg.output_dir, resume)  # before anything else: a refused path costs nothing
+    cfg, data = load_training_data(cfg)
     out = Path(cfg.output_dir).resolve()
     if existing_checkpoints(cfg) and not resume:
         raise JobError(
             f"{out} already holds checkpoints of an earlier run; pass --resume to continue it, "
             "or choose another output_dir"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        verify_checkpoints(existing_checkpoints(cfg))  # nothing is unpickled from a checkpoint ray-ft did not write
+    prepare_output_dir(out, resume)
     save_config(cfg, out / "config.yaml")
     model_dir = resolve_model_dir(cfg.model)
 
@@ -131,7 +219,7 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str
         print(f"[ray-ft] resuming MLflow run {run_id}", flush=True)
     else:
         uri, run_id = tracking.start_run(cfg, run_name=out.name, parent_run_id=parent_run_id)
-        run_file.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
+        write_file(run_file, json.dumps({"tracking_uri": uri, "run_id": run_id}))
     tracking.log_artifact(uri, run_id, out / "config.yaml")
     print(f"[ray-ft] MLflow {uri} run {run_id}", flush=True)
 
@@ -139,8 +227,8 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str
     try:
         # A method may bring its own driver (``linear_probe``: features once, then a head); default: Ray Train loop.
         method_fit = getattr(method, "fit", fit)
-        result = method_fit(cfg, model_dir, train, val, tracking_uri=uri, run_id=run_id)
-        summary = _finish(cfg, method, model_dir, result, train, val, out, uri, run_id, ds)
+        result = method_fit(cfg, model_dir, data.train, data.val, tracking_uri=uri, run_id=run_id)
+        summary = _finish(cfg, method, model_dir, result, data.eval_train, data.eval_val, out, uri, run_id, data)
     except (KeyboardInterrupt, SystemExit, _Interrupted) as e:
         # Ray Train turns SIGINT into a graceful abort that ends in SystemExit; SIGTERM arrives as _Interrupted.
         tracking.end_run(uri, run_id, "KILLED")
@@ -208,7 +296,7 @@ def _finish(cfg, method, model_dir, result, train, val, out: Path, uri: str, run
         from ray_ft.evaluate import evaluate_run
 
         evaluation = getattr(method, "evaluate_run", evaluate_run)(cfg, model_dir, artifact_dir, train, val)
-        (out / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
+        write_file(out / "eval.json", json.dumps(evaluation, indent=1, ensure_ascii=False))
         tracking.log_artifact(uri, run_id, out / "eval.json")
         for name in evaluation.get("artifacts", []):  # files the evaluation wrote into output_dir (plots)
             tracking.log_artifact(uri, run_id, out / name)

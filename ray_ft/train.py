@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from ray_ft.checkpoints import seal_checkpoint, verify_checkpoint, weights_only_loading
 from ray_ft.config import ConfigError, ExperimentConfig
 from ray_ft.data import (
     IGNORE_INDEX,
+    DataSummary,
     PromptFormat,
     batch_counts,
     collate,
@@ -30,6 +32,7 @@ from ray_ft.data import (
     length_grouped_batches,
     pack,
 )
+from ray_ft.device import select_device
 from ray_ft.methods import get_method
 
 TRAINABLE_DIR = "trainable"
@@ -85,6 +88,45 @@ def plan_steps(cfg: ExperimentConfig, n_train: int, world_size: int) -> tuple[in
     return steps_per_epoch, total
 
 
+def fit_batch_to_data(cfg: ExperimentConfig, n_train: int) -> tuple[ExperimentConfig, str | None]:
+    """Shrink the global batch of an epoch-based run on a small training set to reach ``train.min_steps``.
+
+    Tries ``grad_accum`` down to 1, then ``batch_size`` down to 1, and keeps the first (largest) global batch whose
+    epochs give at least ``train.min_steps`` optimizer steps (the smallest batch when none does). Returns the
+    config to train with and a line saying what was chosen and why (``None`` when nothing changed).
+    """
+    t = cfg.train
+    if t.max_steps is not None or t.min_steps is None:
+        return cfg, None
+    world = max(1, cfg.scaling.num_workers)
+
+    def total(batch: int, accum: int) -> int:
+        return plan_steps(
+            cfg.model_copy(update={"train": t.model_copy(update={"batch_size": batch, "grad_accum": accum})}),
+            n_train,
+            world,
+        )[1]
+
+    before = total(t.batch_size, t.grad_accum)
+    if before >= t.min_steps:
+        return cfg, None
+    candidates = [(t.batch_size, a) for a in range(t.grad_accum - 1, 0, -1)] + [
+        (b, 1) for b in range(t.batch_size - 1, 0, -1)
+    ]
+    batch, accum = next(((b, a) for b, a in candidates if total(b, a) >= t.min_steps), (1, 1))
+    if (batch, accum) == (t.batch_size, t.grad_accum):  # already the smallest batch
+        return cfg, None
+    after = total(batch, accum)
+    new = cfg.model_copy(update={"train": t.model_copy(update={"batch_size": batch, "grad_accum": accum})})
+    line = (
+        f"[ray-ft] {n_train} training examples: the configured global batch of {t.batch_size * t.grad_accum * world} "
+        f"(batch_size {t.batch_size} x grad_accum {t.grad_accum} x {world} workers) gives {before} optimizer steps in "
+        f"{t.epochs:g} epochs, under train.min_steps={t.min_steps}; training with batch_size {batch} x grad_accum "
+        f"{accum} = {batch * accum * world} per step, {after} steps (train.min_steps=null keeps the configured batch)"
+    )
+    return new, line
+
+
 class _Batches:
     """Deterministic per-rank micro-batches, indexable by global micro-step (so resume is exact).
 
@@ -131,20 +173,27 @@ class _StreamedBatches:
 
     Ray Data shuffles and tokenises each epoch and gives every worker as many rows; each window of
     ``STREAM_WINDOW`` micro-batches is sorted by length, cut into micro-batches, and those are shuffled.
+    ``per_epoch`` (micro-batches in one pass over the shard) lets a resumed run start where its epoch was: the first
+    :meth:`get` at micro-step ``m`` passes over the ``m % per_epoch`` micro-batches of that epoch already trained
+    on (a fresh shuffle, so other examples than before, but the epochs stay aligned with the steps).
     """
 
-    def __init__(self, shard, batch_size: int, rank: int, seed: int, pad_id: int, packed: bool):
+    def __init__(self, shard, batch_size: int, rank: int, seed: int, pad_id: int, packed: bool, per_epoch: int = 0):
         self.shard, self.batch_size, self.rank, self.seed = shard, batch_size, rank, seed
-        self.pad_id, self.packed = pad_id, packed
-        self._stream = self._micro_batches()
+        self.pad_id, self.packed, self.per_epoch = pad_id, packed, per_epoch
+        self._stream = None
 
     def get(self, micro_step: int) -> dict[str, torch.Tensor]:
+        if self._stream is None:
+            epoch, done = divmod(micro_step, self.per_epoch) if self.per_epoch else (0, 0)
+            self._stream = self._micro_batches(epoch)
+            for _ in range(done):
+                next(self._stream)
         return next(self._stream)
 
-    def _micro_batches(self):
+    def _micro_batches(self, epoch: int = 0):
         import random
 
-        epoch = 0
         while True:
             rng = random.Random(f"{self.seed}-{self.rank}-{epoch}")
             n = 0
@@ -166,7 +215,10 @@ class _StreamedBatches:
 
 
 class _Encode:
-    """Ray Data ``map_batches`` callable: JSON records -> ``input_ids`` / ``labels`` (one tokenizer per actor)."""
+    """Ray Data ``map_batches`` callable: JSON records -> ``input_ids`` / ``labels`` (one tokenizer per actor).
+
+    Each record is tokenised once per epoch here, for all workers, as :func:`train_fn_per_worker` would.
+    """
 
     def __init__(self, model_dir: str, trust_remote_code: bool, data: dict[str, Any]):
         from ray_ft.config import DataConfig
@@ -179,36 +231,62 @@ class _Encode:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         import json
 
-        enc = [encode_generation(json.loads(r), self.tokenizer, self.fmt, self.cfg.max_length) for r in batch["record"]]
+        enc = [
+            encode_generation(json.loads(r), self.tokenizer, self.fmt, self.cfg.max_length, self.cfg.train_on)
+            for r in batch["record"]
+        ]
         return {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
 
 
-def streaming_dataset(cfg: ExperimentConfig, records: list[dict], model_dir: str):
-    """The Ray Data pipeline behind ``data.streaming``: shuffle, then tokenise in a small actor pool."""
+def _read_shard(shard) -> list[dict[str, list[int]]]:
+    """Every tokenised example of a Ray Data shard, as lists."""
+    import numpy as np
+
+    return [
+        {"input_ids": np.asarray(i).tolist(), "labels": np.asarray(j).tolist()}
+        for batch in shard.iter_batches(batch_size=256, batch_format="numpy")
+        for i, j in zip(batch["input_ids"], batch["labels"], strict=True)
+    ]
+
+
+def streaming_dataset(cfg: ExperimentConfig, records: list[dict] | DataSummary, model_dir: str, side: str = "train"):
+    """The Ray Data pipeline behind ``data.streaming``: read, shuffle (training side), tokenise in a small actor pool.
+
+    ``records`` is either the records themselves, or a checked data set (:class:`ray_ft.data.DataSummary`) whose
+    files Ray Data tasks read and split again on every pass, so no process holds the data set.
+    """
     import json
 
     import ray.data
 
-    if len(records) < max(cfg.scaling.num_workers, 1):
+    from ray_ft.ingest import records_dataset
+
+    n = (
+        (records.plan.n_train if side == "train" else records.plan.n_val)
+        if isinstance(records, DataSummary)
+        else len(records)
+    )
+    if side == "train" and n < max(cfg.scaling.num_workers, 1):
         raise ConfigError(
-            [f"data.streaming: {len(records)} training examples for {cfg.scaling.num_workers} workers; need one each"]
+            [f"data.streaming: {n} training examples for {cfg.scaling.num_workers} workers; need one each"]
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    rows = [{"record": json.dumps(r, ensure_ascii=False)} for r in records]
-    return (
-        ray.data.from_items(rows)
-        .random_shuffle(num_cpus=0.25)  # small shares: the pipeline fits beside the workers in one spare CPU
-        .map_batches(
-            _Encode,
-            fn_constructor_kwargs={
-                "model_dir": model_dir,
-                "trust_remote_code": cfg.model.trust_remote_code,
-                "data": cfg.data.model_dump(),
-            },
-            batch_size=64,
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=0.5,
-        )
+    if isinstance(records, DataSummary):
+        rows = records_dataset(records, side)
+    else:
+        rows = ray.data.from_items([{"record": json.dumps(r, ensure_ascii=False)} for r in records])
+    if side == "train":
+        rows = rows.random_shuffle(num_cpus=0.25)  # small shares: the pipeline fits beside the workers in one CPU
+    return rows.map_batches(
+        _Encode,
+        fn_constructor_kwargs={
+            "model_dir": model_dir,
+            "trust_remote_code": cfg.model.trust_remote_code,
+            "data": cfg.data.model_dump(),
+        },
+        batch_size=64,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.5,
     )
 
 
@@ -315,13 +393,36 @@ def answer_only_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor], answer_only: bool) -> torch.Tensor:
+def labelled_hidden_states(model, batch: dict[str, torch.Tensor]):
+    """``(hidden, targets, head)``: the final hidden states at the positions whose next token is labelled, those
+    tokens, and the output projection, for a loss that applies the projection itself (fused)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    return hidden[:, :-1][keep], targets[keep], base.get_output_embeddings()
+
+
+def fused_linear_cross_entropy(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss over labelled tokens through Liger-Kernel's fused linear + cross-entropy (CUDA): the
+    projection runs chunk by chunk inside the loss, so the (tokens x vocabulary) logits never exist at once."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    hidden, targets, head = labelled_hidden_states(model, batch)
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)(head.weight, hidden, targets, head.bias)
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], answer_only: bool, fused: bool = False) -> torch.Tensor:
     """Mean next-token loss over labelled tokens (the model's own loss, same value).
 
     With ``answer_only`` the vocabulary projection and softmax run only at positions whose next token is
     labelled (answers), not at prompt and padding positions: with a large vocabulary this is a good part of a
-    step on CPU and of activation memory everywhere.
+    step on CPU and of activation memory everywhere. ``fused`` (``train.fused_linear_cross_entropy``) computes the
+    same loss at the same positions with :func:`fused_linear_cross_entropy`.
     """
+    if fused:
+        return fused_linear_cross_entropy(model, batch)
     if not answer_only:
         return model(**batch, use_cache=False).loss
     targets = batch["labels"][:, 1:]
@@ -382,8 +483,9 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
     quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    use_gpu = device.type == "cuda"
+    # Ray assigned this worker its device; the dtype rules live in ray_ft.device with every other placement.
+    placement = select_device(cfg.scaling.use_gpu, cfg.model.dtype, training=True, device=ray.train.torch.get_device())
+    device, use_gpu = placement.device, placement.on_gpu
     if not use_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         keep_freed_memory()
@@ -393,18 +495,28 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
 
     tokenizer = load_tokenizer(loop_config["model_dir"], cfg.model.trust_remote_code)
     fmt = PromptFormat.from_config(cfg.data)
-    train_enc = [encode_generation(r, tokenizer, fmt, cfg.data.max_length) for r in loop_config["train_records"]]
-    val_enc = [encode_generation(r, tokenizer, fmt, cfg.data.max_length) for r in loop_config["val_records"]]
+    train_on = cfg.data.train_on
+    train_enc = [
+        encode_generation(r, tokenizer, fmt, cfg.data.max_length, train_on) for r in loop_config["train_records"]
+    ]
+    if loop_config.get("streamed_val"):  # this rank's share of the validation set, tokenised by Ray Data
+        val_enc = _read_shard(ray.train.get_dataset_shard("val"))
+        first, stride = 0, cfg.train.batch_size
+    else:
+        val_enc = [
+            encode_generation(r, tokenizer, fmt, cfg.data.max_length, train_on) for r in loop_config["val_records"]
+        ]
+        first, stride = rank * cfg.train.batch_size, cfg.train.batch_size * world
     val_batches = [
         collate(val_enc[i : i + cfg.train.batch_size], tokenizer.pad_token_id)
-        for i in range(rank * cfg.train.batch_size, len(val_enc), cfg.train.batch_size * world)
+        for i in range(first, len(val_enc), stride)
     ]
     # ZeRO-3 gathers parameters collectively in every forward, so all ranks must run as many validation
     # forwards: a rank short of data repeats a batch without answer tokens (it adds nothing to the loss).
     if val_enc:
         filler = collate(val_enc[:1], tokenizer.pad_token_id)
         filler["labels"].fill_(-100)
-        val_batches += [filler] * (math.ceil(len(val_enc) / (cfg.train.batch_size * world)) - len(val_batches))
+        val_batches += [filler] * (math.ceil(len(val_enc) / stride) - len(val_batches))
 
     model = method.load_for_training(cfg, loop_config["model_dir"], device)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
@@ -432,7 +544,8 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
     seen = {"samples_seen": 0.0, "tokens_seen": 0.0}  # examples and answer+prompt tokens trained on, all ranks
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
+        with checkpoint.as_directory() as d, weights_only_loading(engine):
+            verify_checkpoint(d)  # before DeepSpeed unpickles anything from it
             _, client_state = engine.load_checkpoint(d, tag="ds", load_module_strict=False)
             start_step = int(client_state["step"])
             seen = {k: float(client_state.get(k, 0.0)) for k in ("samples_seen", "tokens_seen")}
@@ -453,6 +566,7 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
             cfg.train.seed,
             tokenizer.pad_token_id,
             cfg.train.packing,
+            per_epoch=math.ceil(loop_config["n_train"] // world / cfg.train.batch_size),
         )
     else:
         batches = _Batches(
@@ -460,6 +574,9 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
         )
     eval_every = cfg.train.eval_every or steps_per_epoch
     answer_only = answer_only_logits(engine.module)
+    fused_ce = cfg.train.fused_linear_cross_entropy
+    if fused_ce and not use_gpu:
+        raise ConfigError(["train.fused_linear_cross_entropy: this worker has no CUDA GPU (Liger's kernels need one)"])
     accum = cfg.train.grad_accum
     engine.train()
     t_start, tokens_since, t_last = time.time(), 0.0, time.time()
@@ -471,7 +588,7 @@ def _train_loop(cfg: ExperimentConfig, loop_config: dict[str, Any]) -> None:
         tokens = samples = 0
         for micro in range(accum):
             batch = {k: v.to(device) for k, v in batches.get(step * accum + micro).items()}
-            loss = causal_lm_loss(engine, batch, answer_only)
+            loss = causal_lm_loss(engine, batch, answer_only, fused_ce)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item()
@@ -551,6 +668,7 @@ def report_checkpoint(
             checkpoint = None
             if has_checkpoint:
                 write(Path(tmp))
+                seal_checkpoint(tmp, ray.train.get_context().get_world_rank())
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
         return
@@ -561,6 +679,7 @@ def report_checkpoint(
     final = root / f"checkpoint_local_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     write(tmp)
+    seal_checkpoint(tmp, 0)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -638,10 +757,16 @@ def build_trainer(
 
     datasets = None
     if cfg.data.streaming and train_fn is None:
-        # The records travel once, into the Ray Data pipeline, not to every worker.
+        # The records travel once, into the Ray Data pipeline, not to every worker (or stay in their files).
         records = loop_config["train_records"]
         datasets = {"train": streaming_dataset(cfg, records, loop_config["model_dir"])}
-        loop_config = {**loop_config, "train_records": [], "n_train": len(records)}
+        if isinstance(records, DataSummary):
+            loop_config = {**loop_config, "train_records": [], "n_train": records.plan.n_train}
+            if records.plan.n_val:
+                datasets["val"] = streaming_dataset(cfg, records, loop_config["model_dir"], side="val")
+                loop_config = {**loop_config, "val_records": [], "streamed_val": True}
+        else:
+            loop_config = {**loop_config, "train_records": [], "n_train": len(records)}
     return TorchTrainer(
         train_fn or train_fn_per_worker,
         train_loop_config=loop_config,

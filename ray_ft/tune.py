@@ -261,6 +261,8 @@ class SearchSummary:
     total_steps: int
     best_config_path: str | None = None
     artifact_dir: str | None = None
+    top_adapters: list[str] = field(default_factory=list)
+    """Training-output-like directories of the best trials' adapters, best first (``--deploy`` serves them)."""
     wall_s: float = 0.0
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
@@ -380,12 +382,45 @@ def _child_runs(uri: str, parent_run_id: str) -> dict[str, str]:
     return {r.data.tags["ray_ft.trial_id"]: r.info.run_id for r in runs if "ray_ft.trial_id" in r.data.tags}
 
 
-def _best(outcomes: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:
+def _ranked(outcomes: list[TrialOutcome], metric: str, mode: str) -> list[TrialOutcome]:
+    """Trials that reported ``metric``, best first."""
     scored = [t for t in outcomes if t.status != FAILED and isinstance(t.metrics.get(metric), int | float)]
     scored = [t for t in scored if not math.isnan(t.metrics[metric])]
-    if not scored:
-        return None
-    return (min if mode == "min" else max)(scored, key=lambda t: t.metrics[metric])
+    return sorted(scored, key=lambda t: t.metrics[metric], reverse=mode == "max")
+
+
+def _best(outcomes: list[TrialOutcome], metric: str, mode: str) -> TrialOutcome | None:
+    ranked = _ranked(outcomes, metric, mode)
+    return ranked[0] if ranked else None
+
+
+TOP_ADAPTERS = 3
+"""How many of the best trials' LoRA adapters a search keeps under ``OUTPUT_DIR/top/`` for serving."""
+
+
+def export_top_adapters(
+    cfg: ExperimentConfig, model_dir: str, ranked: list[TrialOutcome], storage_root: str, out: Path
+) -> list[str]:
+    """Write the best trials' adapters as ``OUTPUT_DIR/top/top<rank>-<trial>/trainable`` (no merge).
+
+    Each directory is shaped like a training output, so ``ray-ft serve`` serves them together as LoRA adapters
+    of one engine, named after their directories.
+    """
+    import shutil
+
+    from ray_ft.export import write_artifact
+    from ray_ft.job import artifact_metadata
+    from ray_ft.train import TRAINABLE_DIR
+
+    dirs: list[str] = []
+    for rank, trial in enumerate([t for t in ranked if t.checkpoint_path][:TOP_ADAPTERS], start=1):
+        source = Path(_checkpoint_dir(trial.checkpoint_path, storage_root)) / TRAINABLE_DIR
+        meta = artifact_metadata(trial_config(cfg, trial.hyperparameters), model_dir, trial.run_id)
+        meta.update(artifact="trainable", tune_trial_id=trial.trial_id, hyperparameters=trial.hyperparameters)
+        run_dir = out / "top" / f"top{rank}-{trial.trial_id}"
+        write_artifact(run_dir / "trainable", lambda d, src=source: shutil.copytree(src, d, dirs_exist_ok=True), meta)
+        dirs.append(str(run_dir))
+    return dirs
 
 
 def _close_child_runs(uri: str, outcomes: list[TrialOutcome], best: TrialOutcome | None) -> None:
@@ -518,9 +553,11 @@ def run_search(cfg: ExperimentConfig, resume: bool = False) -> SearchSummary:
 
     from ray_ft.job import JobError, load_dataset
     from ray_ft.models import resolve_model_dir
+    from ray_ft.outputs import check_output_dir, prepare_output_dir
     from ray_ft.train import plan_steps, storage_path
 
     t0 = time.time()
+    check_output_dir(cfg.output_dir, resume)
     ds, train, val = load_dataset(cfg)
     check_search(cfg, len(val))
     search = cfg.tune
@@ -540,7 +577,7 @@ def run_search(cfg: ExperimentConfig, resume: bool = False) -> SearchSummary:
     elif resume:
         print(f"[ray-ft] nothing to resume in {experiment_dir}; starting a new search", flush=True)
         resume = False
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out, resume)
     save_config(cfg, out / "config.yaml")
     model_dir = resolve_model_dir(cfg.model)
     _, total_steps = plan_steps(cfg, len(train), cfg.scaling.num_workers)
@@ -685,6 +722,9 @@ def _finish_search(
         )
     else:
         summary.notes.append(f"trial {best.trial_id} reported no checkpoint; nothing exported")
+    if cfg.method.name in ("lora", "qlora"):
+        ranked = _ranked(outcomes, search.metric, search.mode)
+        summary.top_adapters = export_top_adapters(cfg, model_dir, ranked, storage_root, out)
     tracking.end_run(uri, parent_run_id, "FINISHED")
     summary.wall_s = time.time() - t0
     return summary
@@ -720,6 +760,8 @@ def print_summary(s: SearchSummary, metric: str, resume_command: str = "ray-ft t
         print(f"  best config:   {s.best_config_path}")
     if s.artifact_dir:
         print(f"  artifact:      {s.artifact_dir}")
+    if s.top_adapters:
+        print(f"  top adapters:  {' '.join(s.top_adapters)}  (ray-ft serve serves them together)")
     print(f"  output dir:    {s.output_dir}")
     print(f"  MLflow:        {s.tracking_uri}  search run {s.parent_run_id}")
     for note in s.notes:
@@ -731,17 +773,17 @@ def print_summary(s: SearchSummary, metric: str, resume_command: str = "ray-ft t
 # --------------------------------------------------------------------------- command line
 
 
-def _deploy(model_dir: str, host: str, port: int) -> int:
-    """Serve ``model_dir`` with ``ray-ft serve`` until SIGINT/SIGTERM (on ``$RAY_ADDRESS`` or a new local Ray)."""
+def _deploy(models: list[str], host: str, port: int) -> int:
+    """Serve ``models`` with ``ray-ft serve`` until SIGINT/SIGTERM (on ``$RAY_ADDRESS`` or a new local Ray)."""
     import ray
 
     import ray_ft.serving as serving
 
     ray.shutdown()  # the search's Ray connection; serving starts or joins its own
-    print(f"[ray-ft] deploying the best model {model_dir}", flush=True)
+    print(f"[ray-ft] deploying {', '.join(models)}", flush=True)
     parser = argparse.ArgumentParser(prog="ray-ft")
     serving.add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", model_dir, "--host", host, "--port", str(port)])
+    args = parser.parse_args(["serve", *models, "--host", host, "--port", str(port)])
     return args.func(args)
 
 
@@ -757,10 +799,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if summary.interrupted:
         return 130
     if args.deploy:
-        if not summary.artifact_dir:
+        # LoRA searches serve their best trials side by side as adapters of one engine; others the best model.
+        models = summary.top_adapters or ([summary.artifact_dir] if summary.artifact_dir else [])
+        if not models:
             print("error: --deploy: the search exported no model", file=sys.stderr)
             return 2
-        return _deploy(summary.artifact_dir, args.host, args.port)
+        return _deploy(models, args.host, args.port)
     return 0
 
 
@@ -772,7 +816,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML config with a `tune` section (see jobs/tune_lora.yaml)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides (e.g. tune.num_samples=8)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in output_dir")
-    p.add_argument("--deploy", action="store_true", help="serve the best model after the search")
+    p.add_argument(
+        "--deploy", action="store_true", help="serve the best trials' adapters (or the best model) after the search"
+    )
     p.add_argument("--host", default="127.0.0.1", help="with --deploy: address to listen on")
     p.add_argument("--port", type=int, default=8000, help="with --deploy: port to listen on")
     p.set_defaults(func=cmd_tune)

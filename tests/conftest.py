@@ -29,8 +29,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def build_tiny_model_dir(path: Path, model_type: str = "llama") -> Path:
-    """A 2-layer, 64-wide random causal LM + a byte-level BPE tokenizer trained in-process."""
+def build_tiny_model_dir(path: Path, model_type: str = "llama", hidden_size: int = 64, heads: int = 4) -> Path:
+    """A 2-layer, ``hidden_size``-wide random causal LM + a byte-level BPE tokenizer trained in-process.
+
+    vLLM's CPU attention needs heads of at least 32 dimensions: ``hidden_size=128, heads=2`` serves there.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -49,11 +52,11 @@ def build_tiny_model_dir(path: Path, model_type: str = "llama") -> Path:
     if model_type == "llama":
         cfg = AutoConfig.for_model(
             "llama",
-            hidden_size=64,
-            intermediate_size=128,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
             max_position_embeddings=256,
             tie_word_embeddings=True,
             **kwargs,
@@ -94,6 +97,7 @@ def tiny_overrides(model_dir: Path, data: Path, out: Path, mlflow: Path, **extra
         "eval.max_new_tokens": 8,
         "scaling.num_workers": 2,
         "scaling.cpus_per_worker": 0.5,
+        "train.min_steps": "null",  # keep the configured batch on these few examples
         **extra,
     }
     return [f"{k}={v}" for k, v in base.items()]

@@ -24,13 +24,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from ray_ft.config import ExperimentConfig, MethodConfig
+from ray_ft.config import Count, ExperimentConfig, MethodConfig, Size
 from ray_ft.data import clean_text
+from ray_ft.device import select_device
 from ray_ft.methods import register_method
 from ray_ft.models import load_causal_lm, load_tokenizer, torch_dtype
 
@@ -43,12 +45,12 @@ class LinearProbeMethodConfig(MethodConfig):
     name: Literal["linear_probe"] = "linear_probe"
     pooling: Literal["mean", "last"] = "mean"
     """``mean``: average over the text's tokens; ``last``: the hidden state of its last token."""
-    layer: int = -1
+    layer: Annotated[int, Field(ge=-100_000, le=100_000)] = -1
     """Hidden layer to read: ``-1`` the final, normalised one; ``k`` the output of decoder layer ``k`` (``0``: the
     embeddings). Middle layers often pool better features than the last."""
-    feature_batch_size: int = 16
+    feature_batch_size: Size = 16
     """Texts per forward pass of the frozen model."""
-    feature_workers: int | None = None
+    feature_workers: Count | None = None
     """Ray Data actors computing features (each holds one copy of the model); default ``scaling.num_workers``."""
 
 
@@ -113,7 +115,7 @@ class FeatureExtractor:
         allow_pickle: bool,
     ):
         torch.set_num_threads(threads)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        device = select_device(dtype=dtype).device
         self.model = load_backbone(model_dir, getattr(torch, dtype), trust_remote_code, allow_pickle).to(device)
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
         self.pooling, self.layer, self.max_length = pooling, layer, max_length
@@ -371,21 +373,17 @@ class LinearProbeMethod:
     task = "classification"
 
     def check(self, cfg: ExperimentConfig) -> None:
-        m = cfg.method
         if cfg.data.format not in ("auto", "classification"):
             raise ValueError(
                 f"method 'linear_probe' needs classification data ({{text, label}}); data.format is {cfg.data.format!r}"
             )
-        if m.feature_batch_size < 1:
-            raise ValueError("method.feature_batch_size must be >= 1")
-        if m.feature_workers is not None and m.feature_workers < 1:
-            raise ValueError("method.feature_workers must be >= 1")
         if cfg.train.grad_accum != 1:
             raise ValueError("method 'linear_probe' trains on cached features; train.grad_accum must be 1")
         options = {
             "data.streaming": cfg.data.streaming,
             "train.packing": cfg.train.packing,
             "train.compile": cfg.train.compile,
+            "train.fused_linear_cross_entropy": cfg.train.fused_linear_cross_entropy,
         }
         for key, on in options.items():
             if on:
@@ -481,7 +479,8 @@ class LinearProbeMethod:
         from ray_ft.methods.prompt_tuning import base_model_dir
 
         head = load_head(Path(model_dir))
-        backbone = load_backbone(base_model_dir(meta))
+        placement = select_device()  # the backbone on the GPU when there is one; features come back to the CPU head
+        backbone = load_backbone(base_model_dir(meta), placement.dtype).to(placement.device)
         return ProbeClassifier(backbone=backbone, tokenizer=load_tokenizer(str(model_dir)), head=head)
 
     def evaluate_run(

@@ -8,25 +8,27 @@ so serving pays no adapter overhead.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
-from ray_ft.config import ExperimentConfig, MethodConfig
+from ray_ft.config import ExperimentConfig, MethodConfig, NonNegative, Size
+from ray_ft.device import select_device
 from ray_ft.methods import register_method
 from ray_ft.models import default_lora_targets, load_base_for_training, load_causal_lm, load_tokenizer
 
 
 class LoraMethodConfig(MethodConfig):
     name: Literal["lora"] = "lora"
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: Size = 16
+    alpha: Size = 32
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     target_modules: list[str] | str | None = None
     """Module names (or ``all-linear``); default: the model family's projections."""
-    layers_to_transform: list[int] | None = None
+    layers_to_transform: list[NonNegative] | None = None
     """Only adapt these decoder layers (default: all)."""
-    top_layers: int | None = None
+    top_layers: Size | None = None
     """Only adapt the top N decoder layers: backward stops below them, so steps are faster."""
 
 
@@ -51,13 +53,14 @@ def lora_config(cfg: LoraMethodConfig, model):
 
 
 def merge_adapter(cfg: ExperimentConfig, model_dir: str, adapter_dir: Path, out_dir: Path) -> None:
-    """Load the base in full precision, merge the adapter, save a standalone model to ``out_dir``."""
+    """Load the base in full precision (or ``model.dtype`` when set), merge the adapter, save a standalone model
+    to ``out_dir``. The merge runs where :func:`ray_ft.device.select_device` places it (the GPU when there is one)."""
     from peft import PeftModel
 
-    dtype = torch.float32 if cfg.model.dtype in ("auto", "float32") else getattr(torch, cfg.model.dtype)
+    placement = select_device(dtype=None if cfg.model.dtype == "auto" else cfg.model.dtype)
     base = load_causal_lm(
-        model_dir, dtype, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle
-    )
+        model_dir, placement.dtype, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle
+    ).to(placement.device)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(model_dir, cfg.model.trust_remote_code).save_pretrained(out_dir)
@@ -71,14 +74,8 @@ class LoraMethod:
 
     def check(self, cfg: ExperimentConfig) -> None:
         m = cfg.method
-        if m.r < 1 or m.alpha < 1:
-            raise ValueError("method.r and method.alpha must be >= 1")
-        if not 0 <= m.dropout < 1:
-            raise ValueError("method.dropout must be in [0, 1)")
         if m.top_layers is not None and m.layers_to_transform is not None:
             raise ValueError("method.top_layers and method.layers_to_transform are exclusive; set one")
-        if m.top_layers is not None and m.top_layers < 1:
-            raise ValueError("method.top_layers must be >= 1")
 
     def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device):
         from peft import get_peft_model

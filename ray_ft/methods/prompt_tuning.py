@@ -16,14 +16,14 @@ from typing import Any, Literal
 
 import torch
 
-from ray_ft.config import ExperimentConfig, MethodConfig, ModelConfig
+from ray_ft.config import ExperimentConfig, MethodConfig, ModelConfig, Size
 from ray_ft.methods import register_method
 from ray_ft.models import load_base_for_training, load_causal_lm, load_tokenizer, resolve_model_dir
 
 
 class PromptTuningMethodConfig(MethodConfig):
     name: Literal["prompt_tuning"] = "prompt_tuning"
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: Size = 20
     """How many trainable embeddings are prepended to every sequence."""
     init: Literal["text", "random"] = "text"
     """``text``: start from the embeddings of ``init_text`` (repeated or cut to length); ``random``: random."""
@@ -92,8 +92,6 @@ class PromptTuningMethod:
 
     def check(self, cfg: ExperimentConfig) -> None:
         m = cfg.method
-        if m.num_virtual_tokens < 1:
-            raise ValueError("method.num_virtual_tokens must be >= 1")
         if m.num_virtual_tokens >= cfg.data.max_length:
             raise ValueError(
                 f"method.num_virtual_tokens ({m.num_virtual_tokens}) must be smaller than data.max_length "
@@ -101,6 +99,8 @@ class PromptTuningMethod:
             )
         if cfg.train.packing:
             raise ValueError("train.packing does not work with prompt tuning (the virtual tokens lead every example)")
+        if cfg.train.fused_linear_cross_entropy:
+            raise ValueError("train.fused_linear_cross_entropy does not work with prompt tuning (the virtual tokens)")
         if m.init == "text" and not m.init_text.strip():
             raise ValueError("method.init_text must be non-empty when method.init is 'text'")
 

@@ -20,7 +20,7 @@ import torch
 from ray_ft.config import ExperimentConfig
 from ray_ft.methods import register_method
 from ray_ft.methods.lora import LoraMethod, LoraMethodConfig, lora_config, merge_adapter
-from ray_ft.models import load_causal_lm, torch_dtype
+from ray_ft.models import attention_kwargs, load_causal_lm, torch_dtype
 
 
 class QLoraMethodConfig(LoraMethodConfig):
@@ -57,6 +57,7 @@ def load_quantized(cfg: ExperimentConfig, model_dir: str, device: torch.device):
         allow_pickle=cfg.model.allow_pickle,
         quantization_config=quantization_config(cfg.method, use_gpu),
         device_map={"": device.index or 0} if use_gpu else {"": "cpu"},
+        **attention_kwargs(cfg.train.attention),
     )
 
 

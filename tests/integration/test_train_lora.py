@@ -148,3 +148,63 @@ def test_streaming_input_feeds_every_example_once_per_epoch(ray_local, tiny_mode
     assert (seen["samples_seen"][3], seen["tokens_seen"][3]) == (6, tokens)
     assert (seen["samples_seen"][6], seen["tokens_seen"][6]) == (12, 2 * tokens)
     assert (tmp_path / "s" / "merged" / "model.safetensors").is_file()
+
+
+class _OpensAFile:
+    """Unpickling this creates ``path``: stands for any code a planted pickle would run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_resume_refuses_a_tampered_checkpoint_and_runs_nothing(
+    ray_local, tiny_model_dir, qa_file, tmp_path, mlflow_dir, capsys
+):
+    """A checkpoint file swapped for a code-running pickle is refused by ``--resume`` (checksum), and still refused
+    when its manifest is rewritten to match (the pickle references a global outside the allow-list); the same
+    checkpoint restored resumes through DeepSpeed's loader with ``weights_only=True``."""
+    import torch
+
+    from ray_ft.checkpoints import seal_checkpoint
+    from ray_ft.cli import main
+
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    common = tiny_overrides(
+        tiny_model_dir,
+        qa_file,
+        out,
+        mlflow_dir,
+        **{
+            "scaling.num_workers": 1,
+            "train.eval_every": 2,
+            "eval.enabled": "false",
+            "tracking.registered_model": "null",
+        },
+    )
+    run_training(load_config(REPO / "jobs/lora.yaml", [*common, "train.max_steps=2"]))
+    (ckpt,) = (p for p in (out / "ray" / "run").glob("checkpoint_*") if p.is_dir())
+    optim = next((ckpt / "ds").glob("*optim_states.pt"))
+    original = optim.read_bytes()
+    torch.save({"optimizer_state_dict": _OpensAFile(marker)}, optim)
+
+    resume = ["train", str(REPO / "jobs/lora.yaml"), *common, "train.max_steps=4", "--resume"]
+    capsys.readouterr()  # the first run's log lines
+    assert main(resume) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match its checksum" in err[0] and str(ckpt) in err[0], err
+    assert not marker.exists()
+
+    seal_checkpoint(ckpt, 0)  # the manifest rewritten to match the planted file
+    assert main(resume) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "references io.open" in err[0], err
+    assert not marker.exists()
+
+    optim.write_bytes(original)
+    seal_checkpoint(ckpt, 0)
+    resumed = run_training(load_config(REPO / "jobs/lora.yaml", [*common, "train.max_steps=4"]), resume=True)
+    assert resumed.metrics["step"] == 4
+    assert not marker.exists()

@@ -134,6 +134,16 @@ def test_search_early_stops_survives_a_crash_and_exports_best(
     # Outputs: the merged best model and a best config that `ray-ft train` runs.
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    # The best trials' adapters, best first, shaped so that `ray-ft serve` serves them on one engine.
+    from ray_ft.serving.catalog import resolve_plan
+
+    ranked = sorted(
+        (t for t in summary.trials if t.status != FAILED and t.checkpoint_path), key=lambda t: t.metrics["val_loss"]
+    )
+    assert [Path(d).name for d in summary.top_adapters] == [f"top{i}-{t.trial_id}" for i, t in enumerate(ranked[:3], 1)]
+    plan = resolve_plan(summary.top_adapters)
+    assert plan.engine == "vllm" and [a.name for a in plan.adapters] == [Path(d).name for d in summary.top_adapters]
+    assert [a.lora_rank for a in plan.adapters] == [t.hyperparameters["r"] for t in ranked[:3]]
     best_cfg = load_config(out / "best_config.yaml")
     assert best_cfg.method.r == summary.best.hyperparameters["r"]
     assert best_cfg.train.lr == pytest.approx(summary.best.hyperparameters["lr"])

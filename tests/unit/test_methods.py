@@ -31,8 +31,8 @@ def test_all_four_methods_are_registered():
     ("overrides", "message"),
     [
         ({"method.name": "qlora", "deepspeed.zero_stage": 3}, "deepspeed.zero_stage=3 is not supported"),
-        ({"method.name": "qlora", "method.r": 0}, "method.r and method.alpha must be >= 1"),
-        ({"method.name": "prompt_tuning", "method.num_virtual_tokens": 0}, "num_virtual_tokens must be >= 1"),
+        ({"method.name": "qlora", "method.r": 0}, "method.r: must be >= 1"),
+        ({"method.name": "prompt_tuning", "method.num_virtual_tokens": 0}, "method.num_virtual_tokens: must be >= 1"),
         (
             {"method.name": "prompt_tuning", "method.num_virtual_tokens": 64, "data.max_length": 64},
             "must be smaller than data.max_length",
@@ -41,7 +41,7 @@ def test_all_four_methods_are_registered():
         ({"method.name": "prompt_tuning", "method.r": 4}, "method.r: unknown key"),
         ({"method.name": "linear_probe", "data.format": "qa"}, "needs classification data"),
         ({"method.name": "linear_probe", "method.pooling": "max"}, "method.pooling"),
-        ({"method.name": "linear_probe", "method.feature_batch_size": 0}, "feature_batch_size must be >= 1"),
+        ({"method.name": "linear_probe", "method.feature_batch_size": 0}, "method.feature_batch_size: must be >= 1"),
         ({"method.name": "linear_probe", "train.grad_accum": 2}, "train.grad_accum must be 1"),
         ({"method.name": "linear_probe", "data.streaming": "true"}, "data.streaming must be false"),
         ({"method.name": "linear_probe", "train.compile": "true"}, "train.compile must be false"),
