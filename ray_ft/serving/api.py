@@ -109,24 +109,14 @@ class ModelServer:
         return {"object": "list", "data": [card]}
 
     async def completions(self, body, raw_request):
-        vllm = self.plan.engine == "vllm"
-        checks.check_fields(body, checks.COMPLETION_FIELDS if vllm else checks.TEXT_ONLY_FIELDS, self._engine_name())
-        model = self._model(body.model)
-        checks.check_text(body)
-        checks.check_prompts(body, self.limits)
-        checks.check_sampling(body, self.limits, await _sent_fields(raw_request))
-        if not vllm:
+        model = await self._checked(body, raw_request, checks.COMPLETION_FIELDS, checks.check_prompts)
+        if self.plan.engine != "vllm":
             return await self._deadline(self.engine.complete(body, model.name))
         return await self._vllm(self.engine.completion.create_completion(body, raw_request), body.stream)
 
     async def chat_completions(self, body, raw_request):
-        vllm = self.plan.engine == "vllm"
-        checks.check_fields(body, checks.CHAT_FIELDS if vllm else checks.TEXT_ONLY_FIELDS, self._engine_name())
-        model = self._model(body.model)
-        checks.check_text(body)
-        checks.check_messages(body, self.limits)
-        checks.check_sampling(body, self.limits, await _sent_fields(raw_request))
-        if not vllm:
+        model = await self._checked(body, raw_request, checks.CHAT_FIELDS, checks.check_messages)
+        if self.plan.engine != "vllm":
             return await self._deadline(self.engine.chat(body, model.name))
         body.chat_template = self.templates[model.name]  # the model's training format (None: its tokenizer's)
         return await self._vllm(self.engine.chat.create_chat_completion(body, raw_request), body.stream)
@@ -159,6 +149,16 @@ class ModelServer:
         return {"object": "list", "model": model.name, "data": data}
 
     # ---- helpers ------------------------------------------------------------------------------
+
+    async def _checked(self, body, raw_request, vllm_fields: frozenset[str], check_input) -> ServedModel:
+        """Every check a generation request gets before an engine sees it; the model it asks for."""
+        vllm = self.plan.engine == "vllm"
+        checks.check_fields(body, vllm_fields if vllm else checks.TEXT_ONLY_FIELDS, self._engine_name())
+        model = self._model(body.model)
+        checks.check_text(body)
+        check_input(body, self.limits)
+        checks.check_sampling(body, self.limits, await _sent_fields(raw_request))
+        return model
 
     def _engine_name(self) -> str:
         return "this endpoint" if self.plan.engine == "vllm" else f"model {self.plan.base.name!r} (transformers engine)"
@@ -193,6 +193,14 @@ class ModelServer:
         return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+async def _vllm_client_error(request, exc):
+    """vLLM's request models check some fields in validators that raise its own error type (an empty ``tools``
+    list, say): what the client sent is wrong, so 400 naming the parameter."""
+    parameter = getattr(exc, "parameter", None)
+    message = str(exc.args[0]) if exc.args else "invalid request"
+    return ApiError(400, f"{parameter}: {message}" if parameter else message, param=parameter).response()
+
+
 async def _sent_fields(raw_request) -> set[str]:
     """The top-level fields of the request's JSON body (already read and parsed once; Starlette keeps it)."""
     body = await raw_request.json()
@@ -212,9 +220,11 @@ def build_api(server: ModelServer):
     from fastapi import FastAPI, Request
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMClientError
 
     api = FastAPI(title="ray-ft", description="OpenAI-compatible API for models tuned with ray-ft", version="1")
     install_handlers(api)
+    api.add_exception_handler(VLLMClientError, _vllm_client_error)
     api.add_middleware(
         RequestGate,
         api_key=server.api_key,

@@ -46,39 +46,36 @@ def _mlflow_run(out: Path):
     return client, client.get_run(info["run_id"])
 
 
-def test_killed_worker_restarts_from_checkpoint(tiny_model_dir, qa_file, tmp_path, mlflow_dir):
+def test_killed_worker_restarts_from_checkpoint(ray_local, tiny_model_dir, qa_file, tmp_path, mlflow_dir):
+    """The run joins the session's Ray (``ray_local``, started by whichever test needs it first)."""
     import ray
     from ray.util.state import list_actors
 
-    ctx = ray.init(num_cpus=4, include_dashboard=True)
-    api = f"http://{ctx.dashboard_url}"  # explicit: other Ray instances may run on this machine
-    try:
-        out = tmp_path / "kill"
-        args = tiny_overrides(
-            tiny_model_dir,
-            qa_file,
-            out,
-            mlflow_dir,
-            **{"train.max_steps": 40, "train.eval_every": 2, "eval.enabled": "false", "scaling.max_failures": 2},
-        )
-        proc = _start_training(args, {"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
-        log: list[str] = []
-        _wait_for(proc, "step 6/40", log)
-        workers = [
-            a
-            for a in list_actors(address=api, filters=[("state", "=", "ALIVE")], detail=True)
-            if a.class_name == "RayTrainWorker"
-        ]
-        assert len(workers) == 2, workers
-        os.kill(workers[1].pid, signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=600)
-        log.append(rest)
-        text = "".join(log)
-        assert proc.returncode == 0, text[-4000:]
-        assert "resumed from step" in text
-        assert "step 40/40" in text
-    finally:
-        ray.shutdown()
+    api = f"http://{ray_local.dashboard_url}"  # explicit: other Ray instances may run on this machine
+    out = tmp_path / "kill"
+    args = tiny_overrides(
+        tiny_model_dir,
+        qa_file,
+        out,
+        mlflow_dir,
+        **{"train.max_steps": 40, "train.eval_every": 2, "eval.enabled": "false", "scaling.max_failures": 2},
+    )
+    proc = _start_training(args, {"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
+    log: list[str] = []
+    _wait_for(proc, "step 6/40", log)
+    workers = [
+        a
+        for a in list_actors(address=api, filters=[("state", "=", "ALIVE")], detail=True)
+        if a.class_name == "RayTrainWorker"
+    ]
+    assert len(workers) == 2, workers
+    os.kill(workers[1].pid, signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=600)
+    log.append(rest)
+    text = "".join(log)
+    assert proc.returncode == 0, text[-4000:]
+    assert "resumed from step" in text
+    assert "step 40/40" in text
 
     client, run = _mlflow_run(out)
     assert run.info.status == "FINISHED"

@@ -384,8 +384,6 @@ def test_fuzzing_from_the_openapi_schema_finds_no_server_error(url, tmp_path):
         "--request-timeout",
         "60",
         "--generation-deterministic",
-        "--generation-database",
-        "none",
         "--workers",
         "2",
     ]
