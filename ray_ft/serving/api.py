@@ -109,12 +109,14 @@ class ModelServer:
         return {"object": "list", "data": [card]}
 
     async def completions(self, body, raw_request):
+        raw_request.state.validated = True
         model = await self._checked(body, raw_request, checks.COMPLETION_FIELDS, checks.check_prompts)
         if self.plan.engine != "vllm":
             return await self._deadline(self.engine.complete(body, model.name))
         return await self._vllm(self.engine.completion.create_completion(body, raw_request), body.stream)
 
     async def chat_completions(self, body, raw_request):
+        raw_request.state.validated = True
         model = await self._checked(body, raw_request, checks.CHAT_FIELDS, checks.check_messages)
         if self.plan.engine != "vllm":
             return await self._deadline(self.engine.chat(body, model.name))
@@ -193,14 +195,6 @@ class ModelServer:
         return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _vllm_client_error(request, exc):
-    """vLLM's request models check some fields in validators that raise its own error type (an empty ``tools``
-    list, say): what the client sent is wrong, so 400 naming the parameter."""
-    parameter = getattr(exc, "parameter", None)
-    message = str(exc.args[0]) if exc.args else "invalid request"
-    return ApiError(400, f"{parameter}: {message}" if parameter else message, param=parameter).response()
-
-
 async def _sent_fields(raw_request) -> set[str]:
     """The top-level fields of the request's JSON body (already read and parsed once; Starlette keeps it)."""
     body = await raw_request.json()
@@ -215,16 +209,47 @@ def _chat_template(model: ServedModel, tokenizer) -> str | None:
     return fmt.chat_template(tokenizer)
 
 
+def _client_error_route():
+    """An ``APIRoute`` answering 400 for any exception raised while FastAPI builds the request model.
+
+    vLLM's request models run validators that can fail on malformed input with errors other than ``ValueError``
+    (a ``TypeError`` for a ``null`` system message, say); those escape pydantic's error wrapping and would be
+    500s. Once a route function starts (``request.state.validated``), exceptions are the server's again.
+    """
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.routing import APIRoute
+    from starlette.exceptions import HTTPException
+
+    class ClientErrorRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def route(request):
+                try:
+                    return await handler(request)
+                except (ApiError, HTTPException, RequestValidationError):
+                    raise
+                except Exception as e:
+                    if getattr(request.state, "validated", False):
+                        raise
+                    parameter = getattr(e, "parameter", None)
+                    message = f"the request is not valid: {e}"
+                    return ApiError(400, message, param=parameter if isinstance(parameter, str) else None).response()
+
+            return route
+
+    return ClientErrorRoute
+
+
 def build_api(server: ModelServer):
     """The FastAPI app of one replica: routes bound to ``server``, OpenAI-shaped errors, the request gate."""
     from fastapi import FastAPI, Request
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    from vllm.exceptions import VLLMClientError
 
     api = FastAPI(title="ray-ft", description="OpenAI-compatible API for models tuned with ray-ft", version="1")
     install_handlers(api)
-    api.add_exception_handler(VLLMClientError, _vllm_client_error)
+    api.router.route_class = _client_error_route()
     api.add_middleware(
         RequestGate,
         api_key=server.api_key,

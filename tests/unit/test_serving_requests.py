@@ -267,3 +267,41 @@ def test_the_gate_checks_one_api_key_header_before_reading_the_body():
     assert status([("Authorization", "Bearer k"), ("Content-Type", "text/plain")]) == 415
     assert status([("Authorization", "Bearer k"), json_type], body=b"x" * 4096) == 413
     assert status([], method="GET", path="/health", body=b"") == 200
+
+
+def test_errors_inside_vllms_request_validators_are_400_not_500():
+    """vLLM's validators raise TypeError on some malformed bodies (found by fuzzing); the route answers 400."""
+    pytest.importorskip("vllm")
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI, Request
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from ray_ft.serving.api import _client_error_route
+    from ray_ft.serving.errors import install_handlers
+
+    api = FastAPI()
+    install_handlers(api)
+    api.router.route_class = _client_error_route()
+
+    async def chat(body, raw_request):
+        raw_request.state.validated = True
+        if body.messages[-1]["content"] == "boom":
+            raise TypeError("a fault of the server")
+        return {"ok": True}
+
+    # Real annotations (this module's are strings), as api.build_api has them.
+    chat.__annotations__ = {"body": ChatCompletionRequest, "raw_request": Request}
+    api.post("/chat")(chat)
+
+    async def send(messages):
+        transport = httpx.ASGITransport(app=api, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post("/chat", json={"messages": messages})
+
+    bad = asyncio.run(send([{"role": "system", "content": None}, {"role": "user", "content": "hi"}]))
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error", bad.text
+    good = asyncio.run(send([{"role": "user", "content": "hi"}]))
+    assert good.status_code == 200, good.text
+    assert asyncio.run(send([{"role": "user", "content": "boom"}])).status_code == 500  # still the server's
