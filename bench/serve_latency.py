@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per setting = concurrency * rounds")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--vllm-dtype", default="auto", help="vLLM's dtype (auto: as ray_ft.device.select_device)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -124,16 +125,22 @@ def main() -> None:
 
     model_dir = args.model_dir or resolve_model_dir(ModelConfig(name_or_path="embedded:smollm2-135m-instruct"))
     placement = select_device(prefer_gpu=None, dtype="auto")
-    dtype = str(placement.dtype).removeprefix("torch.")
-    print(f"model {model_dir}; {placement.describe()}; {os.cpu_count()} CPUs; {args.max_tokens} tokens a request")
+    print(f"model {model_dir}; transformers on {placement.describe()}, vLLM dtype {args.vllm_dtype}; "
+          f"{os.cpu_count()} CPUs; {args.max_tokens} tokens a request")  # fmt: skip
 
     results: dict[tuple[str, int], dict[str, float]] = {}
     ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=False, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = {"models": [model_dir], "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 256,
-                "engine": {"dtype": dtype, "max_num_seqs": max(levels)}, "num_gpus": 1 if placement.on_gpu else 0,
-                "limits": {"max_tokens": args.max_tokens}}  # fmt: skip
+    settings = {
+        "models": [model_dir],
+        "min_replicas": 1,
+        "max_replicas": 1,
+        "max_ongoing_requests": 256,
+        "engine": {"dtype": args.vllm_dtype, "max_num_seqs": max(levels)},
+        "num_gpus": 1 if placement.on_gpu else 0,
+        "limits": {"max_tokens": args.max_tokens},
+    }
     started = time.perf_counter()
     serve.run(build_app(settings), name="bench", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
