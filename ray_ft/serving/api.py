@@ -195,6 +195,13 @@ class ModelServer:
         return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+async def _vllm_client_error(request, exc):
+    """vLLM's serving layer refusing what the client asked for (it checks some values itself): 400."""
+    parameter = getattr(exc, "parameter", None)
+    message = str(exc.args[0]) if exc.args else "invalid request"
+    return ApiError(400, message, param=parameter if isinstance(parameter, str) else None).response()
+
+
 async def _sent_fields(raw_request) -> set[str]:
     """The top-level fields of the request's JSON body (already read and parsed once; Starlette keeps it)."""
     body = await raw_request.json()
@@ -246,9 +253,11 @@ def build_api(server: ModelServer):
     from fastapi import FastAPI, Request
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMClientError
 
     api = FastAPI(title="ray-ft", description="OpenAI-compatible API for models tuned with ray-ft", version="1")
     install_handlers(api)
+    api.add_exception_handler(VLLMClientError, _vllm_client_error)
     api.router.route_class = _client_error_route()
     api.add_middleware(
         RequestGate,

@@ -76,9 +76,9 @@ def check_text(body) -> None:
         raise ApiError(400, f"invalid text: {problem}", code="invalid_text")
 
 
-def _bound(value: Any, limit: int, param: str) -> None:
-    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-        raise ApiError(400, f"{param} is {value}; the limit is {limit}", param=param)
+def _bound(value: Any, limit: int, param: str, low: int = 1) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and not low <= value <= limit:
+        raise ApiError(400, f"{param} is {value}; it must be between {low} and {limit}", param=param)
 
 
 def check_sampling(body, limits: RequestLimits, sent: set[str]) -> None:
@@ -93,9 +93,9 @@ def check_sampling(body, limits: RequestLimits, sent: set[str]) -> None:
         body.max_tokens = limits.default_tokens()
     _bound(body.n, limits.max_n, "n")
     for param in ("top_logprobs", "prompt_logprobs"):
-        _bound(getattr(body, param, None), limits.max_logprobs, param)
+        _bound(getattr(body, param, None), limits.max_logprobs, param, low=0)
     if not isinstance(body.logprobs, bool):
-        _bound(body.logprobs, limits.max_logprobs, "logprobs")
+        _bound(body.logprobs, limits.max_logprobs, "logprobs", low=0)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > limits.max_stop:
         raise ApiError(400, f"at most {limits.max_stop} stop strings are allowed", param="stop")

@@ -189,6 +189,8 @@ def _chat(**body):
         ("chat", {"max_completion_tokens": 4, "max_tokens": 10**9}, "max_tokens"),
         ("chat", {"max_completion_tokens": 10**9}, "max_completion_tokens"),
         ("completion", {"n": 5}, "n"),
+        ("completion", {"max_tokens": -1}, "max_tokens"),
+        ("chat", {"max_completion_tokens": 0}, "max_completion_tokens"),
         ("completion", {"logprobs": 6}, "logprobs"),
         ("chat", {"top_logprobs": 6, "logprobs": True}, "top_logprobs"),
         ("completion", {"stop": ["x" * 65]}, "stop[0]"),
