@@ -15,13 +15,29 @@ ROOT = "ray_ft"
 _HANDLER_FLAG = "_ray_ft_console"
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time of each record (pytest's capture and Ray's redirection
+    replace it after start-up)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure(level: int | str | None = None) -> logging.Logger:
     """Attach ray-ft's console handler once per process; ``RAY_FT_LOG_LEVEL`` overrides the default INFO."""
     logger = logging.getLogger(ROOT)
     level = level or os.environ.get("RAY_FT_LOG_LEVEL", "INFO")
     logger.setLevel(level)
     if not any(getattr(h, _HANDLER_FLAG, False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         setattr(handler, _HANDLER_FLAG, True)
         logger.addHandler(handler)
