@@ -5,6 +5,8 @@ Same model, same prompts, same machine, one run. Each request asks for exactly `
 
 - vLLM: ``ray_ft.serving.build_app`` on a local Ray (one replica), streamed ``/v1/completions`` over HTTP on
   127.0.0.1. Time to first token (TTFT) is when the first text chunk arrives.
+- vLLM's own server (``--vllm-server``): ``python -m vllm.entrypoints.openai.api_server`` on the same model and
+  engine settings, with no Ray: the ceiling of the engine on this machine, to show what ray-ft's layer costs.
 - transformers: ``model.generate`` in this process, the best a hand-written server can do with it: the requests
   in flight run as one padded batch (static batching). Without streaming, TTFT is when the batch returns.
 
@@ -104,6 +106,42 @@ def transformers_round(model, tokenizer, concurrency: int, requests: int, max_to
             "errors": 0}  # fmt: skip
 
 
+def vllm_server_rounds(model_dir: str, dtype: str, on_gpu: bool, levels: list[int], args) -> dict[int, dict]:
+    """The same rounds against vLLM's own OpenAI server in a subprocess (the same engine settings as the replica)."""
+    import subprocess
+    import sys
+
+    from ray_ft.serving.vllm_engine import CPU_KV_CACHE_GIB
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--dtype", dtype,
+           "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max(levels))]  # fmt: skip
+    if not on_gpu:
+        cmd += ["--enforce-eager", "--kv-cache-memory-bytes", str(int(CPU_KV_CACHE_GIB * 2**30))]
+    log = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"vLLM's server exited with {server.returncode}: {' '.join(cmd)}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("vLLM's server did not start within 600 s")
+            time.sleep(2)
+        asyncio.run(vllm_round(url, 2, 2, 8))  # warm-up
+        return {c: asyncio.run(vllm_round(url, c, c * args.rounds, args.max_tokens)) for c in levels}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default=None, help="model to serve (default: the embedded SmolLM2-135M)")
@@ -111,6 +149,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per setting = concurrency * rounds")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--vllm-server", action="store_true", help="also measure vLLM's own OpenAI server")
     parser.add_argument("--vllm-dtype", default="auto", help="vLLM's dtype (auto: as ray_ft.device.select_device)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -159,6 +198,12 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
+    if args.vllm_server:
+        dtype = args.vllm_dtype if args.vllm_dtype != "auto" else str(placement.dtype).removeprefix("torch.")
+        for c, r in vllm_server_rounds(model_dir, dtype, placement.on_gpu, levels, args).items():
+            results[("vllm-server", c)] = r
+            print(f"vllm-server c={c}: {r}", flush=True)
+
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,7 +224,10 @@ def main() -> None:
     x = results[("vllm", ref)]["tokens_per_s"]
     y = x / results[("vllm", levels[0])]["tokens_per_s"]
     z = x / results[("transformers", ref)]["tokens_per_s"] if ("transformers", ref) in results else float("nan")
-    print(f"tokens_per_s_c{ref}={x:.1f} scaling_c{ref}_vs_c{levels[0]}={y:.2f} vs_transformers_c{ref}={z:.2f}")
+    line = f"tokens_per_s_c{ref}={x:.1f} scaling_c{ref}_vs_c{levels[0]}={y:.2f} vs_transformers_c{ref}={z:.2f}"
+    if ("vllm-server", ref) in results:
+        line += f" vs_vllm_server_c{ref}={x / results[('vllm-server', ref)]['tokens_per_s']:.2f}"
+    print(line)
 
 
 if __name__ == "__main__":
