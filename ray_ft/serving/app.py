@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from ray_ft.serving.args import ServeArgs, parse_serve_args
-from ray_ft.serving.catalog import resolve_plan
+from ray_ft.serving.catalog import ServingPlan, resolve_plan
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -58,11 +58,12 @@ def replica_options(settings: ServeArgs) -> dict[str, Any]:
     }
 
 
-def build_app(args: dict[str, Any] | ServeArgs) -> Application:
+def build_app(args: dict[str, Any] | ServeArgs, plan: ServingPlan | None = None) -> Application:
     """Build the Serve application.
 
     Args:
         args: :class:`ServeArgs` or a mapping of its fields (the config file's ``args:``).
+        plan: the models already resolved from ``args.models`` (``ray-ft serve`` resolves them once to print them).
 
     Returns:
         The bound ``ModelServer`` deployment, with autoscaling and per-replica resources set.
@@ -72,7 +73,8 @@ def build_app(args: dict[str, Any] | ServeArgs) -> Application:
         ArtifactError: a directory is not servable, or the directories cannot share one endpoint.
     """
     settings = parse_serve_args(args)
-    plan = resolve_plan(settings.models, settings.model_names, settings.base_model_name)  # here, not per replica
+    if plan is None:  # here, not per replica
+        plan = resolve_plan(settings.models, settings.model_names, settings.base_model_name)
     api_key = settings.resolved_api_key()
     settings = settings.model_copy(update={"api_key": SecretStr(api_key) if api_key else None})
     return model_server_deployment().options(**replica_options(settings)).bind(settings, plan)

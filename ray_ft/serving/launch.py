@@ -61,9 +61,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     settings = parse_serve_args(serve_fields(args), source="ray-ft serve")
-    app = build_app(settings)
-    check_port_free(args.host, args.port)
     plan = resolve_plan(settings.models, settings.model_names, settings.base_model_name)
+    app = build_app(settings, plan)
+    check_port_free(args.host, args.port)
     address = os.environ.get("RAY_ADDRESS")
     own_cluster = not address
     print(f"[ray-ft] starting Ray ({'connecting to ' + address if address else 'local'})", flush=True)
