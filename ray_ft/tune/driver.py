@@ -151,6 +151,34 @@ def _log_plan(cfg: ExperimentConfig, search: SearchConfig, total_steps: int, exp
     logger.info("[ray-ft] Tune experiment %s", experiment_dir)
 
 
+def _trial_context(
+    cfg: ExperimentConfig,
+    out: Path,
+    parent: RunRef,
+    model_dir: str,
+    train: list[dict],
+    val: list[dict],
+    storage_root: str,
+) -> tuple[ExperimentConfig, SearchContext]:
+    """The base config every trial starts from, and what the trials share through the object store.
+
+    Trials see absolute paths and a pinned tracking URI (Tune runs each trial in its own directory).
+    """
+    pinned = cfg.model_copy(deep=True)
+    pinned.output_dir = str(out)
+    pinned.tracking.tracking_uri = parent.uri
+    context = SearchContext(
+        base_config=pinned.to_dict(),
+        model_dir=model_dir,
+        train_records=train,
+        val_records=val,
+        tracking_uri=parent.uri,
+        parent_run_id=parent.run_id,
+        train_storage=f"{storage_root.rstrip('/')}/{out.name}-trials",
+    )
+    return pinned, context
+
+
 def run_search(cfg: ExperimentConfig, resume: bool = False) -> SearchSummary:
     """Run the search in ``cfg.tune``; export the best trial; log progress and return a summary.
 
@@ -195,19 +223,7 @@ def run_search(cfg: ExperimentConfig, resume: bool = False) -> SearchSummary:
     tracking.log_artifact(parent.uri, parent.run_id, out / "config.yaml")
     logger.info("[ray-ft] MLflow %s search run %s", parent.uri, parent.run_id)
 
-    # Trials see absolute paths and a pinned tracking URI (Tune runs each trial in its own directory).
-    pinned = cfg.model_copy(deep=True)
-    pinned.output_dir = str(out)
-    pinned.tracking.tracking_uri = parent.uri
-    context = SearchContext(
-        base_config=pinned.to_dict(),
-        model_dir=model_dir,
-        train_records=train,
-        val_records=val,
-        tracking_uri=parent.uri,
-        parent_run_id=parent.run_id,
-        train_storage=f"{storage_root.rstrip('/')}/{out.name}-trials",
-    )
+    pinned, context = _trial_context(cfg, out, parent, model_dir, train, val, storage_root)
     _init_ray(cfg)
     import ray
 
