@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # Ray waits 30 s for its raylet by default; loaded CI machines can need longer.
 export RAY_raylet_start_wait_time_s := 120
 
-.PHONY: setup demo test test-fast test-all lint format bench clean
+.PHONY: setup demo test test-fast lint format clean
 
 setup: $(STAMP)
 

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from ray_ft import tracking
+from ray_ft import logs, tracking
 from ray_ft.config import load_config
+from ray_ft.tracking import RunRef
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("lora", "qlora", "prompt_tuning", "linear_probe")
 
@@ -57,29 +61,12 @@ def _machine() -> str:
     return f"{platform.system()} {cpu}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM"
 
 
-def _start_parent_run(cfg, name: str, params: dict[str, str]) -> tuple[str, str]:
-    uri = tracking.tracking_uri(cfg.tracking)
-    client = tracking.client(uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(
-            cfg.tracking.experiment, artifact_location=tracking._artifact_root(cfg.tracking, uri)
-        )
-    )
-    run = client.create_run(experiment_id, run_name=name, tags={"ray_ft.method": "compare"})
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, value[:6000])
-    return uri, run.info.run_id
-
-
 def summarize(method: str, summary, cfg) -> dict[str, Any]:
     """One table row from a finished job: cost from its metrics and MLflow run, quality from its evaluation."""
     from ray_ft.methods import get_method
 
-    client = tracking.client(summary.tracking_uri)
-    logged = client.get_run(summary.run_id).data.metrics
+    run = RunRef(summary.tracking_uri, summary.run_id)
+    logged = tracking.logged_metrics(run)
     metrics = summary.metrics
     task = get_method(method).task
     if task == "classification":
@@ -87,7 +74,7 @@ def summarize(method: str, summary, cfg) -> dict[str, Any]:
     else:
         tokens_per_s = metrics.get("steady_tokens_per_s")
         if tokens_per_s is None:
-            history = [m.value for m in client.get_metric_history(summary.run_id, "tokens_per_s")]
+            history = list(tracking.metric_history(run, "tokens_per_s").values())
             tokens_per_s = sum(history) / len(history) if history else None
     row: dict[str, Any] = {
         "method": method,
@@ -161,6 +148,7 @@ def run_comparison(
     from ray_ft.job import run_training
     from ray_ft.outputs import check_output_dir, prepare_output_dir, write_file
 
+    logs.configure()
     configs = configs or config_dir()
     out = check_output_dir(output_dir)
     cfgs = {}
@@ -171,31 +159,29 @@ def run_comparison(
     first = cfgs[methods[0]]
     stamp = time.strftime("%Y-%m-%d %H:%M %Z")
     machine = _machine()
-    uri, parent = _start_parent_run(
-        first,
-        f"compare-{out.name}",
-        {"methods": ",".join(methods), "overrides": " ".join(overrides), "machine": machine},
-    )
-    print(f"[ray-ft] compare {', '.join(methods)} → {out} (MLflow {uri} parent run {parent})", flush=True)
+    params = {"methods": ",".join(methods), "overrides": " ".join(overrides), "machine": machine}
+    parent = tracking.open_run(first.tracking, f"compare-{out.name}", {"ray_ft.method": "compare"}, params)
+    uri = parent.uri
+    logger.info("[ray-ft] compare %s → %s (MLflow %s parent run %s)", ", ".join(methods), out, uri, parent.run_id)
     rows: list[dict[str, Any]] = []
     status = "FINISHED"
     try:
         for method in methods:
-            print(f"\n[ray-ft] ===== {method} =====", flush=True)
+            logger.info("\n[ray-ft] ===== %s =====", method)
             try:
-                summary = run_training(cfgs[method], parent_run_id=parent)
+                summary = run_training(cfgs[method], parent_run_id=parent.run_id)
             except KeyboardInterrupt:
                 status = "KILLED"
                 raise
             except Exception as e:  # one failing method must not hide the others' figures
-                print(f"[ray-ft] {method} failed: {type(e).__name__}: {e}", flush=True)
+                logger.info("[ray-ft] %s failed: %s: %s", method, type(e).__name__, e)
                 rows.append({"method": method, "error": f"{type(e).__name__}: {e}"})
                 status = "FAILED"
                 continue
             row = summarize(method, summary, cfgs[method])
             rows.append(row)
             numeric = {f"{method}.{k}": v for k, v in row.items() if isinstance(v, int | float) and v is not None}
-            tracking.StepLogger(uri, parent).log(numeric, step=0)
+            tracking.StepLogger(uri, parent.run_id).log(numeric, step=0)
     finally:
         if rows:
             table = format_table(rows)
@@ -205,10 +191,10 @@ def run_comparison(
                 out / "compare.json",
                 json.dumps({"date": stamp, "machine": machine, "overrides": overrides, "rows": rows}, indent=1),
             )
-            tracking.log_artifact(uri, parent, out / "compare.md")
-            tracking.log_artifact(uri, parent, out / "compare.json")
-            print(f"\n{table}\n\n{note}\n[ray-ft] table: {out / 'compare.md'}", flush=True)
-        tracking.end_run(uri, parent, status)
+            tracking.log_artifact(uri, parent.run_id, out / "compare.md")
+            tracking.log_artifact(uri, parent.run_id, out / "compare.json")
+            logger.info("\n%s\n\n%s\n[ray-ft] table: %s", table, note, out / "compare.md")
+        tracking.end_run(uri, parent.run_id, status)
     return rows
 
 

@@ -3,14 +3,19 @@ macro-F1 and a confusion matrix for classification."""
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import unicodedata
+import warnings
 from typing import Any
 
 import torch
 
+from ray_ft import logs
 from ray_ft.data import IGNORE_INDEX, PromptFormat, answer_of, collate, context_of, encode_generation, question_of
+
+logger = logging.getLogger(__name__)
 
 
 class _WhitespaceTokenizer:
@@ -85,10 +90,11 @@ def evaluate_generation(
 
 
 def evaluate_run(cfg, model_dir: str, artifact_dir, train: list[dict], val: list[dict]) -> dict[str, Any]:
-    """Base vs tuned on training and validation questions; prints a table and a few examples."""
+    """Base vs tuned on training and validation questions; logs a table and a few examples."""
     from ray_ft.data import PromptFormat
     from ray_ft.inference import Generator
 
+    logs.configure()
     n = cfg.eval.max_examples
     splits = {"train": train[:n], "validation": val[:n]}
     # Generator.load places each model with ray_ft.device.select_device: on the GPU when the driver has one.
@@ -105,7 +111,7 @@ def evaluate_run(cfg, model_dir: str, artifact_dir, train: list[dict], val: list
         for split_name, records in splits.items():
             if not records:
                 continue
-            print(f"[ray-ft] evaluating {name} on {len(records)} {split_name} questions ({gen.device})", flush=True)
+            logger.info("[ray-ft] evaluating %s on %s %s questions (%s)", name, len(records), split_name, gen.device)
             metrics[name][split_name] = evaluate_generation(
                 gen,
                 records,
@@ -115,7 +121,7 @@ def evaluate_run(cfg, model_dir: str, artifact_dir, train: list[dict], val: list
             )
     predictions = {m: {s: v.pop("predictions") for s, v in splits_.items()} for m, splits_ in metrics.items()}
     report = {"metrics": metrics, "predictions": predictions}
-    print(format_report(report, cfg.eval.show_examples), flush=True)
+    logger.info("%s", format_report(report, cfg.eval.show_examples))
     return report
 
 
@@ -147,25 +153,31 @@ def classification_metrics(predictions: list[str], references: list[str], labels
     Macro-F1 averages the per-label F1 over every label that occurs in ``references`` or ``predictions`` (as
     scikit-learn does); ``labels`` orders the confusion matrix and may list labels that occur in neither.
     """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
     order = list(labels) + sorted({*references, *predictions} - set(labels))
-    index = {label: i for i, label in enumerate(order)}
-    matrix = [[0] * len(order) for _ in order]
-    for p, r in zip(predictions, references, strict=True):
-        matrix[index[r]][index[p]] += 1
-    f1s = []
-    for label in sorted({*references, *predictions}):
-        i = index[label]
-        tp = matrix[i][i]
-        predicted = sum(row[i] for row in matrix)
-        actual = sum(matrix[i])
-        f1s.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
     n = len(references)
+    if n == 0:
+        return {
+            "accuracy": 0.0,
+            "macro_f1": 0.0,
+            "n": 0,
+            "labels": order,
+            "confusion_matrix": [[0] * len(order) for _ in order],
+        }
+    with warnings.catch_warnings():  # a one-label matrix is the right shape here: ``labels`` gives the order
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        matrix = confusion_matrix(references, predictions, labels=order)
     return {
-        "accuracy": sum(p == r for p, r in zip(predictions, references, strict=True)) / max(n, 1),
-        "macro_f1": sum(f1s) / max(len(f1s), 1),
+        "accuracy": float(accuracy_score(references, predictions)),
+        "macro_f1": float(
+            f1_score(
+                references, predictions, labels=sorted({*references, *predictions}), average="macro", zero_division=0.0
+            )
+        ),
         "n": n,
         "labels": order,
-        "confusion_matrix": matrix,
+        "confusion_matrix": matrix.tolist(),
     }
 
 

@@ -10,9 +10,9 @@ The config is validated here first, so a typo fails in a second with exit code 2
 the upload. The job's logs are streamed until it ends; the exit code is 0 when it ``SUCCEEDED``
 and 1 when it ``FAILED`` or was ``STOPPED``.
 
-Token authentication: the request carries ``Authorization: Bearer <token>`` with the token from
-``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` (the order Ray
-itself uses), unless ``RAY_AUTH_MODE=disabled``.
+Token authentication is the Jobs client's own: with ``RAY_AUTH_MODE=token`` in the environment it sends
+``Authorization: Bearer <token>`` with the token from ``RAY_AUTH_TOKEN``, else the file
+``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` (as the ``ray job`` CLI does).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ray_ft import logs
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 RUNTIME_ENV_FILE = Path("cluster") / "runtime_env.yaml"
@@ -51,31 +55,6 @@ def api_address(explicit: str | None = None) -> str:
     if ray_address.startswith(("http://", "https://")):
         return ray_address
     return DEFAULT_ADDRESS
-
-
-def auth_token() -> str | None:
-    """The cluster token, looked up in the order Ray uses; ``None`` when auth is disabled or none exists.
-
-    Raises:
-        SubmitError: ``RAY_AUTH_TOKEN_PATH`` names a file that cannot be read or is empty.
-    """
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return None
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token ({e.strerror})") from None
-        if not token:
-            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is empty")
-        return token
-    default = Path.home() / ".ray" / "auth_token"
-    if default.is_file():
-        return default.read_text(encoding="utf-8").strip() or None
-    return None
 
 
 def load_runtime_env(path: Path | None, working_dir: Path | None, env: list[str]) -> dict[str, Any]:
@@ -181,20 +160,19 @@ def train_entrypoint(config_in_job: str, train_args: list[str]) -> str:
 
 
 def connect(address: str):
-    """A ``JobSubmissionClient`` for ``address`` that sends the cluster token.
+    """A ``JobSubmissionClient`` for ``address``; it sends the cluster token when ``RAY_AUTH_MODE=token``.
 
     Raises:
-        SubmitError: the Jobs API cannot be reached or rejects the token.
+        SubmitError: the Jobs API cannot be reached or rejects the request.
     """
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    token = auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:  # the client checks the connection and the token (GET /api/version) right away
-        return JobSubmissionClient(address, headers=headers)
+        return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, AuthenticationError) as e:
-        hint = "" if token else " (no token found: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)"
+        token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        hint = "" if token_auth else " (a cluster with token auth needs RAY_AUTH_MODE=token here too)"
         raise SubmitError(f"Ray Jobs API at {address}: {e}{hint}") from None
 
 
@@ -219,6 +197,7 @@ def follow(client, job_id: str, stream_logs: bool = True, poll_s: float = 1.0):
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    logs.configure()
     try:
         return _submit(args)
     except SubmitError as e:
@@ -246,8 +225,8 @@ def _submit(args: argparse.Namespace) -> int:
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
     logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
 
-    print(f"[ray-ft] submitting to {address}: {entrypoint}", flush=True)
-    print(f"[ray-ft] working dir {runtime_env['working_dir']}", flush=True)
+    logger.info("[ray-ft] submitting to %s: %s", address, entrypoint)
+    logger.info("[ray-ft] working dir %s", runtime_env["working_dir"])
     t0 = time.time()
     try:
         job_id = client.submit_job(
@@ -261,18 +240,20 @@ def _submit(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         raise SubmitError(f"the cluster refused the job: {e}") from None
     where = f"--address {address}"
-    print(f"[ray-ft] job {job_id} submitted", flush=True)
+    logger.info("[ray-ft] job %s submitted", job_id)
     if args.no_wait:
-        print(f"[ray-ft] follow it with: ray job logs --follow {job_id} {where}")
+        logger.info("[ray-ft] follow it with: ray job logs --follow %s %s", job_id, where)
         return 0
     try:
         status = follow(client, job_id)
     except KeyboardInterrupt:
-        print(f"\n[ray-ft] stopped following {job_id}; it keeps running (stop it: ray job stop {job_id} {where})")
+        logger.info(
+            "\n[ray-ft] stopped following %s; it keeps running (stop it: ray job stop %s %s)", job_id, job_id, where
+        )
         return 130
     info = client.get_job_info(job_id)
     wall = time.time() - t0
-    print(f"\n[ray-ft] job {job_id} {status.value} in {wall:.0f}s", flush=True)
+    logger.info("\n[ray-ft] job %s %s in %.0fs", job_id, status.value, wall)
     if status.value != "SUCCEEDED":
         reason = (info.message or "no message").splitlines()[0].split(", last available logs")[0]
         print(f"[ray-ft] {reason} (logs: ray job logs {job_id} {where})", file=sys.stderr)

@@ -184,3 +184,50 @@ def test_bad_search_input_exits_2_naming_the_field(qa_file, tmp_path, capsys):
     assert main([*base, "data.val_fraction=0.0"]) == 2
     assert "tune.metric: 'val_loss' needs validation data" in capsys.readouterr().err
     assert not (tmp_path / "x").exists(), "nothing may be written for a refused search"
+
+
+def test_resume_continues_the_same_search_and_mlflow_runs(ray_local, tiny_model_dir, qa_file, tmp_path, mlflow_dir):
+    """``--resume`` restores the Tune experiment and its MLflow parent run (``search.json``); without it an
+    existing search is refused and nothing of it is touched."""
+    from ray_ft.job import JobError
+    from ray_ft.tracking import RunRef
+
+    out = tmp_path / "search"
+    overrides = [
+        f"{k}={v}"
+        for k, v in {
+            "model.name_or_path": tiny_model_dir,
+            "data.path": qa_file,
+            "data.val_fraction": 0.25,
+            "output_dir": out,
+            "tracking.mlflow_dir": mlflow_dir,
+            "tracking.registered_model": "null",
+            "train.batch_size": 2,
+            "train.max_steps": 2,
+            "train.eval_every": 1,
+            "scaling.num_workers": 1,
+            "scaling.cpus_per_worker": 0.5,
+            "tune.num_samples": 2,
+            "tune.scheduler": "fifo",
+            "tune.seed": 3,
+            "tune.max_concurrent_trials": 2,
+        }.items()
+    ]
+    cfg = load_config(REPO / "jobs/tune_lora.yaml", overrides)
+    first = run_search(cfg)
+    assert not first.interrupted and first.best is not None
+    parent = RunRef.load(out / "search.json")
+    assert parent == RunRef(first.tracking_uri, first.parent_run_id)
+    trials_csv = (out / "trials.csv").read_text()
+
+    with pytest.raises(JobError, match="holds an earlier search; pass --resume"):
+        run_search(cfg)
+    assert (out / "trials.csv").read_text() == trials_csv and RunRef.load(out / "search.json") == parent
+
+    again = run_search(cfg, resume=True)
+    assert again.parent_run_id == first.parent_run_id
+    assert [(t.trial_id, t.status, t.run_id, t.hyperparameters) for t in again.trials] == [
+        (t.trial_id, t.status, t.run_id, t.hyperparameters) for t in first.trials
+    ]
+    assert {t.status for t in again.trials} == {FINISHED}
+    assert again.best.trial_id == first.best.trial_id

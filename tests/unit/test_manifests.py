@@ -310,26 +310,14 @@ def test_submit_address_precedence(monkeypatch):
     assert api_address("https://ray.example:443") == "https://ray.example:443"
 
 
-def test_submit_token_lookup_follows_ray(monkeypatch, tmp_path):
-    from ray_ft.submit import SubmitError, auth_token
+def test_submit_unreachable_cluster_is_one_line_naming_the_token_mode(monkeypatch):
+    """The token itself is the Jobs client's business; a refused connection says how to turn it on."""
+    from ray_ft.submit import SubmitError, connect
 
-    monkeypatch.setenv("HOME", str(tmp_path))
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
-        monkeypatch.delenv(var, raising=False)
-    assert auth_token() is None
-    (tmp_path / ".ray").mkdir()
-    (tmp_path / ".ray" / "auth_token").write_text("default-token\n")
-    assert auth_token() == "default-token"
-    path = tmp_path / "cluster-token"
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
-    with pytest.raises(SubmitError, match="cannot read the token"):
-        auth_token()
-    path.write_text("path-token")
-    assert auth_token() == "path-token"
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
-    assert auth_token() == "env-token"
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert auth_token() is None
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(SubmitError, match=r"^Ray Jobs API at http://127\.0\.0\.1:9: .*RAY_AUTH_MODE=token") as e:
+        connect("http://127.0.0.1:9")
+    assert "Traceback" not in str(e.value)
 
 
 def test_submit_refuses_bad_input_before_contacting_a_cluster(monkeypatch, tmp_path, capsys):
