@@ -39,72 +39,61 @@ def check_port_free(host: str, port: int) -> None:
             raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
 
 
-def serve_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """``ServeArgs`` fields from the command line."""
-    min_replicas, max_replicas = args.replicas
-    fields: dict[str, Any] = {
-        "models": args.models,
-        "model_names": args.model_name or None,
-        "api_key": args.api_key,
-        "min_replicas": min_replicas,
-        "max_replicas": max_replicas,
-        "num_cpus": args.num_cpus,
-        "num_gpus": args.num_gpus,
-    }
-    if args.request_timeout_s is not None:
-        fields["request_timeout_s"] = args.request_timeout_s
-    return fields
+def serve(settings: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> int:
+    """Serve ``settings.models`` at ``http://host:port/v1`` until SIGINT/SIGTERM, then shut down cleanly.
 
+    Joins ``$RAY_ADDRESS`` when set (and deletes only its own application on the way out), else starts a local Ray
+    sized for the replicas. Returns the exit code (0).
+    """
+    from ray import serve as ray_serve
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
+    from ray_ft.train.runtime import init_ray
 
-    settings = parse_serve_args(serve_fields(args), source="ray-ft serve")
     plan = resolve_plan(settings.models, settings.model_names, settings.base_model_name)
     app = build_app(settings, plan)
-    check_port_free(args.host, args.port)
+    check_port_free(host, port)
     address = os.environ.get("RAY_ADDRESS")
     own_cluster = not address
-    print(f"[ray-ft] starting Ray ({'connecting to ' + address if address else 'local'})", flush=True)
-    if own_cluster:
-        # The proxy and controller need a share beside the replicas; vLLM's engine runs in processes of its own.
-        need = settings.max_replicas * settings.num_cpus + 1
-        gpus = {"num_gpus": int(settings.max_replicas * settings.num_gpus + 0.999)} if settings.num_gpus else {}
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), log_to_driver=False, **gpus)
-    else:
-        ray.init(address=address, log_to_driver=False)
+    logger.info("[ray-ft] starting Ray (%s)", "connecting to " + address if address else "local")
+    # The proxy and controller need a share beside the replicas; vLLM's engine runs in processes of its own.
+    init_ray(
+        cpus_needed=settings.max_replicas * settings.num_cpus + 1,
+        gpus_needed=settings.max_replicas * settings.num_gpus,
+        log_to_driver=False,
+    )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = time.time()
     try:
-        serve.start(
+        ray_serve.start(
             http_options={
-                "host": args.host,
-                "port": args.port,
+                "host": host,
+                "port": port,
                 # A streaming response may last long; the replica cuts non-streaming requests at request_timeout_s.
                 "request_timeout_s": settings.request_timeout_s + 60,
                 "keep_alive_timeout_s": 5,
             }
         )
         names = [m.name for m in plan.models]
-        print(f"[ray-ft] deploying {names} on {plan.engine} ({settings.min_replicas}..{settings.max_replicas} "
-              "replicas); the first start loads the engine", flush=True)  # fmt: skip
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        print(f"[ray-ft] serving {names} at http://{args.host}:{args.port}/v1", flush=True)
-        print(f"[ray-ft] health: http://{args.host}:{args.port}/health   (Ctrl-C or SIGTERM to stop)", flush=True)
+        logger.info("[ray-ft] deploying %s on %s (%d..%d replicas); the first start loads the engine",
+                    names, plan.engine, settings.min_replicas, settings.max_replicas)  # fmt: skip
+        ray_serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        logger.info("[ray-ft] serving %s at http://%s:%d/v1", names, host, port)
+        logger.info("[ray-ft] health: http://%s:%d/health   (Ctrl-C or SIGTERM to stop)", host, port)
         while not stop.wait(0.5):
             pass
-        print("[ray-ft] stopping", flush=True)
+        logger.info("[ray-ft] stopping")
     finally:
         if own_cluster:
-            serve.shutdown()
+            ray_serve.shutdown()
         else:
-            serve.delete(APP_NAME)
+            ray_serve.delete(APP_NAME)
+        import ray
+
         ray.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print(f"[ray-ft] stopped after {time.time() - started:.0f}s", flush=True)
+    logger.info("[ray-ft] stopped after %.0fs", time.time() - started)
     return 0
 
 
