@@ -12,6 +12,7 @@ from pathlib import Path
 from ray_ft.config import ConfigError, load_config
 from ray_ft.data import DataError
 from ray_ft.export import ArtifactError
+from ray_ft.logs import configure
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, ArtifactError)
 
@@ -63,6 +64,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen = Generator.load(args.model_dir, trust_remote_code=args.trust_remote_code)
     for answer in gen.answer(args.questions, max_new_tokens=args.max_new_tokens, temperature=args.temperature):
         print(answer)
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from ray_ft.export import read_metadata
+    from ray_ft.methods import get_method
+
+    meta = read_metadata(args.model_dir)
+    if meta.get("task") != "classification":
+        raise ValueError(
+            f"{args.model_dir}: not a classifier (task {meta.get('task', 'generation')!r}); use `ray-ft generate`"
+        )
+    classifier = get_method(meta["method"]).load_classifier(Path(args.model_dir), meta)
+    for text, result in zip(args.texts, classifier.predict(args.texts), strict=True):
+        print(json.dumps({"text": text, **result}, ensure_ascii=False))
     return 0
 
 
@@ -130,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-examples", type=int, default=None)
     ev.add_argument("--predictions", action="store_true", help="include every prediction in the output")
     ev.set_defaults(func=cmd_eval)
+
+    cl = sub.add_parser("classify", help="label texts with a trained classifier (linear probe); JSON lines")
+    cl.add_argument("model_dir", help="an exported classifier (OUTPUT_DIR/export)")
+    cl.add_argument("texts", nargs="+")
+    cl.set_defaults(func=cmd_classify)
     for extend in EXTENSIONS:
         extend(sub)
     return p
@@ -142,7 +163,7 @@ EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
 def _load_extensions() -> None:
     import importlib
 
-    for mod in ("ray_ft.tune", "ray_ft.serving", "ray_ft.submit", "ray_ft.compare", "ray_ft.methods.linear_probe"):
+    for mod in ("ray_ft.tune", "ray_ft.serving", "ray_ft.submit", "ray_ft.compare"):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -156,6 +177,7 @@ def _load_extensions() -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure()
     _load_extensions()
     args = build_parser().parse_args(argv)
     try:

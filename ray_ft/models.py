@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -178,3 +179,13 @@ def load_base_for_training(cfg, model_dir: str, device: torch.device, *, input_g
 
 def default_lora_targets(model) -> list[str] | str:
     return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def base_model_dir(meta: dict[str, Any]) -> str:
+    """The base model of an exported artifact: ``base_model_dir`` if present here, else ``base_model`` resolved."""
+    local = meta.get("base_model_dir")
+    if local and Path(local).is_dir():
+        return local
+    if not meta.get("base_model"):
+        raise ValueError("artifact metadata names no base model (base_model / base_model_dir)")
+    return resolve_model_dir(ModelConfig(name_or_path=meta["base_model"]))

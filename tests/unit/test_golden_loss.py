@@ -27,7 +27,7 @@ GOLDEN_LRS = [0.004570288237343631, 0.0034452882373436316, 0.002054711762656369,
 def golden_run(tiny_model_dir, tmp_path_factory) -> dict[str, list[float]]:
     import ray
 
-    from ray_ft.train import build_trainer
+    from ray_ft.train import WorkerInput, build_trainer
 
     tmp = tmp_path_factory.mktemp("golden")
     data = write_jsonl(tmp / "qa.jsonl", QA_ROWS)
@@ -47,15 +47,10 @@ def golden_run(tiny_model_dir, tmp_path_factory) -> dict[str, list[float]]:
     }
     cfg = load_config(REPO / "jobs/lora.yaml", [f"{k}={v}" for k, v in overrides.items()])
     uri, run_id = tracking.start_run(cfg, run_name="golden")
-    loop_config = {
-        "config": cfg.to_dict(),
-        "model_dir": str(tiny_model_dir),
-        "train_records": QA_ROWS,
-        "val_records": [],
-        "tracking_uri": uri,
-        "run_id": run_id,
-    }
-    build_trainer(cfg, loop_config).fit()
+    inputs = WorkerInput(
+        config=cfg, model_dir=str(tiny_model_dir), train_records=QA_ROWS, tracking_uri=uri, run_id=run_id
+    )
+    build_trainer(cfg, inputs).fit()
     assert not ray.is_initialized()  # local mode: the loop ran here, without a Ray cluster
     client = tracking.client(uri)
     return {
