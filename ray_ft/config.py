@@ -410,8 +410,10 @@ class ExperimentConfig(StrictModel):
         """``name`` defaults to ``lora``; an unknown name is one line listing the known ones."""
         if v is None:
             return {"name": "lora"}
-        if not isinstance(v, dict):
+        if isinstance(v, METHOD_CONFIGS):
             return v
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping with a 'name'")
         name = v.get("name", "lora")
         if name not in METHOD_NAMES:
             raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHOD_NAMES)}")

