@@ -7,6 +7,7 @@ MLflow step logger and the per-step report with its checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -39,20 +40,14 @@ def train_head_per_worker(inputs: WorkerInput) -> None:
 
     configure()
     quiet_report_log()
-    cfg, probe = inputs.config, inputs.probe
+    cfg = inputs.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)
-    x_train = torch.tensor(np.asarray(probe.train_features), dtype=torch.float32)
-    y_train = torch.tensor(probe.train_label_ids, dtype=torch.long)
-    x_val = torch.tensor(np.asarray(probe.val_features), dtype=torch.float32).reshape(-1, x_train.shape[1])
-    y_val = torch.tensor(probe.val_label_ids, dtype=torch.long)
-
-    head = ProbeHead(x_train.shape[1], len(probe.info["labels"]), probe.info)
-    head.feature_mean.copy_(x_train.mean(0))
-    head.feature_std.copy_(x_train.std(0, unbiased=False).clamp(min=1e-6))
+    data = _tensors(inputs.probe)
+    head = _setup_head(inputs.probe, data["x_train"])
     model = ray.train.torch.prepare_model(head)
-    steps_per_epoch, total_steps = plan_steps(cfg, len(x_train), world)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(data["x_train"]), world)
     optimizer, scheduler = adamw_with_schedule(cfg, list(head.parameters()), total_steps)
     resumed = _resume(head, optimizer, scheduler)
     start_step = resumed or 0
@@ -69,12 +64,10 @@ def train_head_per_worker(inputs: WorkerInput) -> None:
     for step in range(start_step, total_steps):
         epoch, i = divmod(step, steps_per_epoch)
         if i == 0 or order is None:
-            # One shuffle per epoch, padded by wrapping so every rank gets a full share of every batch.
-            perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
-            order = perm.repeat(math.ceil(steps_per_epoch * global_batch / len(perm)))
+            order = _epoch_order(len(data["x_train"]), steps_per_epoch * global_batch, cfg.train.seed + epoch)
         batch = order[i * global_batch : (i + 1) * global_batch][rank::world]
         model.train()
-        loss = loss_fn(model(x_train[batch]), y_train[batch])
+        loss = loss_fn(model(data["x_train"][batch]), data["y_train"][batch])
         optimizer.zero_grad()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.max_grad_norm)
@@ -91,18 +84,45 @@ def train_head_per_worker(inputs: WorkerInput) -> None:
         }
         is_eval = done % eval_every == 0 or done == total_steps
         if is_eval:
-            metrics.update(_accuracy(head, loss_fn, x_train, y_train, x_val, y_val))
+            metrics.update(_accuracy(head, loss_fn, data))
         if step_logger is not None and (is_eval or done % cfg.train.log_every == 0):
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("step", "epoch"))
             logger.info("[ray-ft] step %d/%d epoch %.2f %s", done, total_steps, metrics["epoch"], shown)
             step_logger.log({k: v for k, v in metrics.items() if k != "step"}, step=done)
-
-        def write(out: Path, done: int = done) -> None:
-            save_head(head, out / TRAINABLE_DIR)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, out / OPTIMIZER_FILE)
-            (out / STATE_FILE).write_text(json.dumps({"step": done}))
-
+        write = functools.partial(_save_probe_checkpoint, head, optimizer, scheduler, done)
         report_step(cfg, metrics, done, is_eval, write, has_checkpoint=rank == 0)
+
+
+def _tensors(probe: ProbeInputs) -> dict[str, torch.Tensor]:
+    """The cached features and label ids as tensors (``x_val`` keeps the feature width when empty)."""
+    x_train = torch.tensor(np.asarray(probe.train_features), dtype=torch.float32)
+    return {
+        "x_train": x_train,
+        "y_train": torch.tensor(probe.train_label_ids, dtype=torch.long),
+        "x_val": torch.tensor(np.asarray(probe.val_features), dtype=torch.float32).reshape(-1, x_train.shape[1]),
+        "y_val": torch.tensor(probe.val_label_ids, dtype=torch.long),
+    }
+
+
+def _setup_head(probe: ProbeInputs, x_train: torch.Tensor) -> ProbeHead:
+    """A fresh head that standardises features with the training set's mean and standard deviation."""
+    head = ProbeHead(x_train.shape[1], len(probe.info["labels"]), probe.info)
+    head.feature_mean.copy_(x_train.mean(0))
+    head.feature_std.copy_(x_train.std(0, unbiased=False).clamp(min=1e-6))
+    return head
+
+
+def _epoch_order(n: int, needed: int, seed: int) -> torch.Tensor:
+    """One epoch's shuffle of ``n`` examples, repeated by wrapping to ``needed`` (every rank gets a full share of
+    every batch)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm.repeat(math.ceil(needed / len(perm)))
+
+
+def _save_probe_checkpoint(head: ProbeHead, optimizer, scheduler, step: int, out: Path) -> None:
+    save_head(head, out / TRAINABLE_DIR)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, out / OPTIMIZER_FILE)
+    (out / STATE_FILE).write_text(json.dumps({"step": step}))
 
 
 def _resume(head: ProbeHead, optimizer, scheduler) -> int | None:
@@ -121,14 +141,14 @@ def _resume(head: ProbeHead, optimizer, scheduler) -> int | None:
 
 
 @torch.no_grad()
-def _accuracy(head: ProbeHead, loss_fn, x_train, y_train, x_val, y_val) -> dict[str, float]:
+def _accuracy(head: ProbeHead, loss_fn, data: dict[str, torch.Tensor]) -> dict[str, float]:
     """Training accuracy, and validation loss and accuracy when there is a validation set."""
     head.eval()
-    metrics = {"train_accuracy": float((head(x_train).argmax(1) == y_train).float().mean())}
-    if len(x_val):
-        val_logits = head(x_val)
-        metrics["val_loss"] = float(loss_fn(val_logits, y_val))
-        metrics["val_accuracy"] = float((val_logits.argmax(1) == y_val).float().mean())
+    metrics = {"train_accuracy": float((head(data["x_train"]).argmax(1) == data["y_train"]).float().mean())}
+    if len(data["x_val"]):
+        val_logits = head(data["x_val"])
+        metrics["val_loss"] = float(loss_fn(val_logits, data["y_val"]))
+        metrics["val_accuracy"] = float((val_logits.argmax(1) == data["y_val"]).float().mean())
     return metrics
 
 
