@@ -9,10 +9,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ray_ft.config import ConfigError, load_config
-from ray_ft.data import DataError
-from ray_ft.export import ArtifactError
+from ray_ft.config import ConfigError, ModelConfig, load_config
+from ray_ft.data import DataError, check_data, read_jsonl
+from ray_ft.export import ArtifactError, read_metadata
 from ray_ft.logs import configure
+from ray_ft.methods import get_method
+
+# job, inference, evaluate and models import torch (seconds): they load inside the commands that use them.
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, ArtifactError)
 
@@ -24,8 +27,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from ray_ft.data import check_data
-
     # One pass over the rows holding their split hashes only, so memory stays flat however large the data.
     ds = check_data(args.file, args.format, file_format=args.file_format)
     report = {"file": ds.path, "format": ds.format, "files": len({s.uri for s in ds.sources}), **ds.stats}
@@ -36,7 +37,6 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_models_prepare(args: argparse.Namespace) -> int:
-    from ray_ft.config import ModelConfig
     from ray_ft.models import resolve_model_dir
 
     print(resolve_model_dir(ModelConfig(name_or_path=args.model)))
@@ -68,9 +68,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from ray_ft.export import read_metadata
-    from ray_ft.methods import get_method
-
     meta = read_metadata(args.model_dir)
     if meta.get("task") != "classification":
         raise ValueError(
@@ -83,9 +80,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ray_ft.data import read_jsonl
     from ray_ft.evaluate import evaluate_generation
-    from ray_ft.export import read_metadata
     from ray_ft.inference import Generator
 
     ds = read_jsonl(args.data)
@@ -93,7 +88,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     meta = read_metadata(args.model_dir)
     if meta.get("task") == "classification":
         from ray_ft.evaluate import evaluate_classification
-        from ray_ft.methods import get_method
 
         if ds.format != "classification":
             raise ValueError(f"{args.data}: a classifier needs {{text, label}} data, got {ds.format!r}")
