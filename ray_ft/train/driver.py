@@ -11,6 +11,7 @@ from typing import Any
 
 from ray_ft.config import ExperimentConfig
 from ray_ft.data import DataSummary
+from ray_ft.methods import TuningMethod
 from ray_ft.train.batching import check_packing, streaming_dataset
 from ray_ft.train.checkpointing import local_checkpoint_dir, run_name, storage_path
 from ray_ft.train.inputs import WorkerInput
@@ -92,6 +93,7 @@ def run_trainer(
 
 def fit_causal_lm(
     cfg: ExperimentConfig,
+    method: TuningMethod,
     model_dir: str,
     train_records: list[dict] | DataSummary,
     val_records: list[dict],
@@ -103,6 +105,7 @@ def fit_causal_lm(
         check_packing(model_dir, cfg.model.trust_remote_code)
     inputs = WorkerInput(
         config=cfg,
+        method=method,
         model_dir=model_dir,
         train_records=train_records,
         val_records=val_records,

@@ -9,6 +9,7 @@ import numpy as np
 
 from ray_ft.config import ExperimentConfig
 from ray_ft.data import DataSummary
+from ray_ft.methods import TuningMethod
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class WorkerInput:
 
     Attributes:
         config: The resolved, validated experiment config (not validated again in the workers).
+        method: The run's tuning method, resolved once by the driver.
         model_dir: Local directory of the base model.
         train_records: Training records; with ``data.streaming`` the driver's records or checked data set, which
             :func:`ray_ft.train.driver.build_trainer` turns into the shard ``train`` (the workers get none).
@@ -41,6 +43,7 @@ class WorkerInput:
     """
 
     config: ExperimentConfig
+    method: TuningMethod
     model_dir: str
     train_records: list[dict] | DataSummary = field(default_factory=list, repr=False)
     val_records: list[dict] = field(default_factory=list, repr=False)

@@ -18,7 +18,6 @@ from ray_ft.config import ConfigError
 from ray_ft.data import PromptFormat, batch_counts, collate, encode_generation
 from ray_ft.device import select_device
 from ray_ft.logs import configure, info_rank_zero
-from ray_ft.methods import get_method
 from ray_ft.models import load_tokenizer
 from ray_ft.tracking import StepLogger
 from ray_ft.train.batching import Batches, StreamedBatches, plan_steps, read_shard
@@ -51,7 +50,7 @@ class CausalLMRecipe:
         self.inputs, self.cfg = inputs, inputs.config
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.method = get_method(self.cfg.method.name)
+        self.method = inputs.method
 
     # ----------------------------------------------------------------------- setup
 

@@ -20,6 +20,7 @@ import torch
 
 from ray_ft.config import ExperimentConfig
 from ray_ft.logs import configure, info_rank_zero
+from ray_ft.methods import TuningMethod
 from ray_ft.methods.linear_probe import ProbeHead, check_layer, extract_features, load_head, save_head
 from ray_ft.tracking import StepLogger
 from ray_ft.train.batching import plan_steps
@@ -154,6 +155,7 @@ def _accuracy(head: ProbeHead, loss_fn, data: dict[str, torch.Tensor]) -> dict[s
 
 def fit_probe(
     cfg: ExperimentConfig,
+    method: TuningMethod,
     model_dir: str,
     train_records: list[dict],
     val_records: list[dict],
@@ -201,7 +203,9 @@ def fit_probe(
         val_features=features[n_train:],
         val_label_ids=[label_id[str(r["label"])] for r in val_records],
     )
-    inputs = WorkerInput(config=cfg, model_dir=model_dir, tracking_uri=tracking_uri, run_id=run_id, probe=probe)
+    inputs = WorkerInput(
+        config=cfg, method=method, model_dir=model_dir, tracking_uri=tracking_uri, run_id=run_id, probe=probe
+    )
     result = run_trainer(cfg, inputs, train_head_per_worker)
     result.metrics = {
         **result.metrics,

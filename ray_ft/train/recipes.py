@@ -22,4 +22,5 @@ def fit(
 ) -> FitResult:
     """Train ``method`` on Ray Train; returns the final checkpoint (its ``trainable/`` holds the trained
     parameters) and the last reported metrics."""
-    return DRIVERS[method.loop](cfg, model_dir, train_records, val_records, tracking_uri=tracking_uri, run_id=run_id)
+    driver = DRIVERS[method.loop]
+    return driver(cfg, method, model_dir, train_records, val_records, tracking_uri=tracking_uri, run_id=run_id)

@@ -15,6 +15,7 @@ from conftest import QA_ROWS, write_jsonl
 
 from ray_ft import tracking
 from ray_ft.config import load_config
+from ray_ft.methods import get_method
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +50,12 @@ def golden_run(tiny_model_dir, tmp_path_factory) -> dict[str, list[float]]:
     cfg = load_config(REPO / "jobs/lora.yaml", [f"{k}={v}" for k, v in overrides.items()])
     uri, run_id = tracking.start_run(cfg, run_name="golden")
     inputs = WorkerInput(
-        config=cfg, model_dir=str(tiny_model_dir), train_records=QA_ROWS, tracking_uri=uri, run_id=run_id
+        config=cfg,
+        method=get_method("lora"),
+        model_dir=str(tiny_model_dir),
+        train_records=QA_ROWS,
+        tracking_uri=uri,
+        run_id=run_id,
     )
     build_trainer(cfg, inputs).fit()
     assert not ray.is_initialized()  # local mode: the loop ran here, without a Ray cluster
@@ -99,7 +105,8 @@ def test_probe_head_losses_match_the_golden_values(tmp_path):
     uri, run_id = tracking.start_run(cfg, run_name="golden-probe")
     info = {"labels": ["a", "b", "c"], "pooling": "mean", "layer": -1, "max_length": 64, "hidden_size": 8}
     probe = ProbeInputs(info, features[:8], label_ids[:8], features[8:], label_ids[8:])
-    inputs = WorkerInput(config=cfg, model_dir="unused", tracking_uri=uri, run_id=run_id, probe=probe)
+    method = get_method("linear_probe")
+    inputs = WorkerInput(config=cfg, method=method, model_dir="unused", tracking_uri=uri, run_id=run_id, probe=probe)
     build_trainer(cfg, inputs, train_fn=train_head_per_worker).fit()
     client = tracking.client(uri)
 
