@@ -388,3 +388,24 @@ def test_probe_refuses_a_layer_the_model_does_not_have(tiny_model_dir):
     with pytest.raises(ValueError, match=r"method.layer: 15 is not a layer of .* \(2 decoder layers"):
         check_layer(cfg, str(tiny_model_dir))
     check_layer(_cfg(tiny_model_dir, **{"method.name": "linear_probe", "method.layer": 2}), str(tiny_model_dir))
+
+
+def test_every_method_defines_every_hook_and_its_config_is_in_the_union():
+    from ray_ft.config import METHOD_CONFIGS
+    from ray_ft.methods import TuningMethod
+
+    hooks = [n for n in vars(TuningMethod) if not n.startswith("_")]
+    assert {"load_for_training", "save_trainable", "export", "load_export", "load_classifier"} <= set(hooks)
+    assert {"evaluate_run"} <= set(hooks)
+    for name in method_names():
+        method = get_method(name)
+        assert all(callable(getattr(type(method), hook)) for hook in hooks), name
+        assert {method.artifact, method.task, method.loop} <= {
+            "merged",
+            "export",
+            "generation",
+            "classification",
+            "causal_lm",
+            "probe_head",
+        }
+        assert method.config_cls in METHOD_CONFIGS and method.config_cls.model_fields["name"].default == name
