@@ -1,4 +1,4 @@
-"""The CPU workers' allocator settings (``ray_ft.train.keep_freed_memory``), checked in fresh processes."""
+"""The CPU workers' allocator settings (``ray_ft.train.runtime.keep_freed_memory``), checked in fresh processes."""
 
 import os
 import platform
