@@ -231,7 +231,7 @@ def generate_row(model_dir: str, new_tokens: int, gpu: bool) -> dict:
 def check_optimizer(extra: list[str]) -> str:
     """The DeepSpeed config ray-ft builds must leave the optimizer to torch (no DeepSpeed fused Adam)."""
     from ray_ft.config import load_config
-    from ray_ft.train import deepspeed_config
+    from ray_ft.train.optim import deepspeed_config
 
     cfg = load_config(REPO / "jobs/lora.yaml", extra)
     ds = deepspeed_config(cfg, world_size=1, bf16=True)

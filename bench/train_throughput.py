@@ -156,7 +156,7 @@ def run_hf(model_dir: str, data: str, steps: int, gpu: bool, workers: int, extra
     from ray_ft.data import PromptFormat, collate, encode_generation, read_jsonl
     from ray_ft.methods.lora import lora_config
     from ray_ft.models import load_base_for_training, load_tokenizer
-    from ray_ft.train import _Batches
+    from ray_ft.train.batching import Batches
 
     cfg = load_config(REPO / "jobs/lora.yaml", [f"model.name_or_path={model_dir}", f"data.path={data}", *extra])
     tok = load_tokenizer(model_dir)
@@ -165,7 +165,7 @@ def run_hf(model_dir: str, data: str, steps: int, gpu: bool, workers: int, extra
     world = max(workers, 1)
     batch = cfg.train.batch_size * world
     # ray-ft's own first-epoch global batches: step k trains on the same examples in both runs.
-    order = _Batches(encoded, cfg.train.batch_size, 0, world, cfg.train.seed, tok.pad_token_id, False).global_batches(0)
+    order = Batches(encoded, cfg.train.batch_size, 0, world, cfg.train.seed, tok.pad_token_id, False).global_batches(0)
     rows = [encoded[i] for group in order for i in group]
     base = load_base_for_training(cfg, model_dir, torch.device("cuda" if gpu else "cpu"))
     model = get_peft_model(base, lora_config(cfg.method, base))
@@ -176,6 +176,7 @@ def run_hf(model_dir: str, data: str, steps: int, gpu: bool, workers: int, extra
 def run_ray_ft(model_dir: str, data: str, steps: int, gpu: bool, workers: int, extra: list[str]) -> dict:
     from ray_ft.config import load_config
     from ray_ft.data import read_jsonl
+    from ray_ft.methods import get_method
     from ray_ft.train import fit
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +197,7 @@ def run_ray_ft(model_dir: str, data: str, steps: int, gpu: bool, workers: int, e
             ],
         )
         records = read_jsonl(data).records
-        result = fit(cfg, model_dir, records, [])
+        result = fit(cfg, get_method(cfg.method.name), model_dir, records, [])
     m = result.metrics
     return {
         "samples_per_s": m["steady_samples_per_s"],

@@ -12,7 +12,6 @@ Overrides apply to every method (``train.max_steps=5``), or to one with a prefix
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -198,19 +197,10 @@ def run_comparison(
     return rows
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+def compare(methods: list[str], output_dir: str, overrides: list[str], config_dir: str | None = None) -> int:
+    """``ray-ft compare``: exit code 1 when any method failed."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         raise ValueError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
-    rows = run_comparison(methods, args.output_dir, args.overrides, Path(args.config_dir) if args.config_dir else None)
+    rows = run_comparison(methods, output_dir, overrides, Path(config_dir) if config_dir else None)
     return 1 if any(r.get("error") for r in rows) else 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("compare", help="train every tuning method on the shipped data and tabulate cost/quality")
-    p.add_argument("overrides", nargs="*", help="key=value for every method, or METHOD:key=value for one")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (default: all four)")
-    p.add_argument("--output-dir", default="outputs/compare")
-    p.add_argument("--config-dir", default=None, help="where <method>.yaml live (default: jobs/)")
-    p.set_defaults(func=cmd_compare)

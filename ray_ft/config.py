@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-# ``ray_ft.text`` imports nothing from ray_ft: it sits below this module, so dependencies still run one way.
+# ``ray_ft.text`` imports nothing from ray_ft: the only ray_ft module below this one.
 from ray_ft.text import MAX_NESTING, check_nesting, find_invalid_text, too_deep_at
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -104,12 +104,6 @@ class DataConfig(StrictModel):
         if "{question}" not in v or not v.rstrip().endswith("{answer}"):
             raise ValueError("must contain '{question}' and end with '{answer}'")
         return v
-
-
-class MethodConfig(StrictModel):
-    """Base of every tuning method's config; ``name`` selects the registered method."""
-
-    name: str
 
 
 class TrainConfig(StrictModel):
@@ -281,13 +275,128 @@ class SearchConfig(StrictModel):
         return v
 
 
+# --------------------------------------------------------------------------- tuning methods
+# One config class per method, told apart by ``name`` (a discriminated union): validating a config needs no
+# registry. Checks that read other sections (``data``, ``train``, ``deepspeed``) are each class's ``check``, run by
+# :class:`ExperimentConfig` once every section is valid.
+
+
+class LoraMethodConfig(StrictModel):
+    """LoRA: low-rank adapters on the projections of a frozen model (``ray_ft.methods.lora``)."""
+
+    name: Literal["lora"] = "lora"
+    r: Size = 16
+    alpha: Size = 32
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    target_modules: list[str] | str | None = None
+    """Module names (or ``all-linear``); default: the model family's projections."""
+    layers_to_transform: list[NonNegative] | None = None
+    """Only adapt these decoder layers (default: all)."""
+    top_layers: Size | None = None
+    """Only adapt the top N decoder layers: backward stops below them, so steps are faster."""
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        if self.top_layers is not None and self.layers_to_transform is not None:
+            raise ValueError("method.top_layers and method.layers_to_transform are exclusive; set one")
+
+
+class QLoraMethodConfig(LoraMethodConfig):
+    """QLoRA: LoRA on a base model held in 4-bit NF4 (``ray_ft.methods.qlora``): LoRA plus the quantisation."""
+
+    name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype the 4-bit layers compute in; ``auto``: bf16 on GPU, fp32 on CPU (faster there than bf16)."""
+    double_quant: bool = True
+    """Quantise the quantisation constants too (about 0.4 bit per weight saved)."""
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        super().check(cfg)
+        if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "method 'qlora' with deepspeed.zero_stage=3 is not supported: ZeRO-3 partitions the frozen base "
+                "weights, which are bitsandbytes 4-bit tensors loaded whole on every worker (no zero.Init for "
+                "4-bit), so it gains no memory and adds an all-gather per layer; use deepspeed.zero_stage 0-2, or "
+                "method.name=lora with ZeRO-3"
+            )
+
+
+class PromptTuningMethodConfig(StrictModel):
+    """Prompt tuning: trainable virtual-token embeddings before every input (``ray_ft.methods.prompt_tuning``)."""
+
+    name: Literal["prompt_tuning"] = "prompt_tuning"
+    num_virtual_tokens: Size = 20
+    """How many trainable embeddings are prepended to every sequence."""
+    init: Literal["text", "random"] = "text"
+    """``text``: start from the embeddings of ``init_text`` (repeated or cut to length); ``random``: random."""
+    init_text: str = "Answer the question accurately and concisely:"
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        if self.num_virtual_tokens >= cfg.data.max_length:
+            raise ValueError(
+                f"method.num_virtual_tokens ({self.num_virtual_tokens}) must be smaller than data.max_length "
+                f"({cfg.data.max_length})"
+            )
+        if cfg.train.packing:
+            raise ValueError("train.packing does not work with prompt tuning (the virtual tokens lead every example)")
+        if cfg.train.fused_linear_cross_entropy:
+            raise ValueError("train.fused_linear_cross_entropy does not work with prompt tuning (the virtual tokens)")
+        if self.init == "text" and not self.init_text.strip():
+            raise ValueError("method.init_text must be non-empty when method.init is 'text'")
+
+
+class LinearProbeMethodConfig(StrictModel):
+    """Linear probe: a linear head on pooled features of a frozen model (``ray_ft.methods.linear_probe``)."""
+
+    name: Literal["linear_probe"] = "linear_probe"
+    pooling: Literal["mean", "last"] = "mean"
+    """``mean``: average over the text's tokens; ``last``: the hidden state of its last token."""
+    layer: Annotated[int, Field(ge=-100_000, le=100_000)] = -1
+    """Hidden layer to read: ``-1`` the final, normalised one; ``k`` the output of decoder layer ``k`` (``0``: the
+    embeddings). Middle layers often pool better features than the last."""
+    feature_batch_size: Size = 16
+    """Texts per forward pass of the frozen model."""
+    feature_workers: Count | None = None
+    """Ray Data actors computing features (each holds one copy of the model); default ``scaling.num_workers``."""
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        if cfg.data.format not in ("auto", "classification"):
+            raise ValueError(
+                f"method 'linear_probe' needs classification data ({{text, label}}); data.format is {cfg.data.format!r}"
+            )
+        if cfg.train.grad_accum != 1:
+            raise ValueError("method 'linear_probe' trains on cached features; train.grad_accum must be 1")
+        options = {
+            "data.streaming": cfg.data.streaming,
+            "train.packing": cfg.train.packing,
+            "train.compile": cfg.train.compile,
+            "train.fused_linear_cross_entropy": cfg.train.fused_linear_cross_entropy,
+        }
+        for key, on in options.items():
+            if on:
+                raise ValueError(f"method 'linear_probe' trains a head on cached features; {key} must be false")
+
+
+METHOD_CONFIGS: tuple[type[StrictModel], ...] = (
+    LoraMethodConfig,
+    QLoraMethodConfig,
+    PromptTuningMethodConfig,
+    LinearProbeMethodConfig,
+)
+METHOD_NAMES = tuple(c.model_fields["name"].default for c in METHOD_CONFIGS)
+MethodConfig = Annotated[
+    LoraMethodConfig | QLoraMethodConfig | PromptTuningMethodConfig | LinearProbeMethodConfig,
+    Field(discriminator="name"),
+]
+"""Any tuning method's config; ``name`` selects the class."""
+
+
 class ExperimentConfig(StrictModel):
     """Everything one training run needs."""
 
     output_dir: str = "outputs/run"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    method: SerializeAsAny[MethodConfig] = None  # type: ignore[assignment]
+    method: MethodConfig = LoraMethodConfig()
     train: TrainConfig = TrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     scaling: ScalingConfig = ScalingConfig()
@@ -295,28 +404,23 @@ class ExperimentConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     tune: SearchConfig = SearchConfig()
 
-    @field_validator("method", mode="plain")
+    @field_validator("method", mode="before")
     @classmethod
-    def _method(cls, v: Any) -> MethodConfig:
-        from ray_ft.methods import get_method, method_names
-
+    def _method_name(cls, v: Any) -> Any:
+        """``name`` defaults to ``lora``; an unknown name is one line listing the known ones."""
         if v is None:
-            v = {"name": "lora"}
-        if isinstance(v, MethodConfig):
+            return {"name": "lora"}
+        if isinstance(v, METHOD_CONFIGS):
             return v
         if not isinstance(v, dict):
             raise ValueError("must be a mapping with a 'name'")
         name = v.get("name", "lora")
-        if name not in method_names():
-            raise ValueError(f"unknown method {name!r}; choose one of {method_names()}")
-        return get_method(name).config_cls.model_validate({**v, "name": name})
+        if name not in METHOD_NAMES:
+            raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHOD_NAMES)}")
+        return {**v, "name": name}
 
     def model_post_init(self, __context: Any) -> None:
-        if self.method is None:
-            object.__setattr__(self, "method", self._method(None))
-        from ray_ft.methods import get_method
-
-        get_method(self.method.name).check(self)
+        self.method.check(self)
         self._check_kernels()
 
     def _check_kernels(self) -> None:
@@ -386,7 +490,10 @@ _BOUND_KEYS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "l
 def format_validation_error(source: str, err: ValidationError) -> list[str]:
     msgs = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p != "function-plain[_method()]") or "<root>"
+        parts = list(e["loc"])
+        if parts[:1] == ["method"] and len(parts) > 1 and parts[1] in METHOD_NAMES:
+            del parts[1]  # the union's tag: ``method.r``, not ``method.lora.r``
+        loc = ".".join(str(p) for p in parts) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

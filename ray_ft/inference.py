@@ -11,6 +11,7 @@ import torch
 from ray_ft.data import PromptFormat
 from ray_ft.device import select_device
 from ray_ft.export import read_metadata
+from ray_ft.methods import get_method
 from ray_ft.models import load_causal_lm, load_tokenizer
 
 
@@ -41,8 +42,6 @@ class Generator:
         if meta.get("task") == "classification":
             raise ValueError(f"{model_dir}: a classifier ({meta.get('method')}); use `ray-ft classify`")
         if meta.get("artifact") == "export":
-            from ray_ft.methods import get_method
-
             model, tokenizer = get_method(meta["method"]).load_export(Path(model_dir), meta)
         else:
             tokenizer = load_tokenizer(str(model_dir), trust_remote_code)

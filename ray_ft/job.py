@@ -11,6 +11,7 @@ This is what ``ray-ft train`` runs. Output layout under ``output_dir``::
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import time
@@ -23,10 +24,15 @@ from ray_ft.checkpoints import verify_checkpoints
 from ray_ft.config import ExperimentConfig, save_config
 from ray_ft.data import Dataset, DataSummary, PromptFormat, check_data, find_sources, read_data, split
 from ray_ft.export import write_artifact
-from ray_ft.methods import get_method
+from ray_ft.ingest import sample_records, scan_with_ray
+from ray_ft.methods import TuningMethod, get_method
 from ray_ft.models import resolve_model_dir
 from ray_ft.outputs import check_output_dir, prepare_output_dir, replacing, write_file
 from ray_ft.sources import Source
+from ray_ft.train import TRAINABLE_DIR, FitResult, existing_checkpoints, fit, init_ray, storage_path
+from ray_ft.train.batching import fit_batch_to_data
+
+logger = logging.getLogger(__name__)
 
 
 class JobError(RuntimeError):
@@ -50,31 +56,36 @@ STREAM_ABOVE_BYTES = 64 << 20
 """With ``data.streaming`` unset, local data larger than this on disk is streamed through Ray Data."""
 
 
-def _check_task(cfg: ExperimentConfig, fmt: str) -> None:
-    task = get_method(cfg.method.name).task
+def _check_task(cfg: ExperimentConfig, method: TuningMethod, fmt: str) -> None:
+    task = method.task
     if (fmt == "classification") != (task == "classification"):
         want = "classification ({text, label})" if task == "classification" else "qa, io, chat, sharegpt or alpaca"
         raise JobError(f"{cfg.data.path}: method {cfg.method.name!r} needs {want} data, got {fmt!r}")
 
 
-def load_dataset(cfg: ExperimentConfig) -> tuple[Dataset, list[dict], list[dict]]:
-    """Validate all the data in memory and split it (raises ``DataError`` before anything starts)."""
+def load_dataset(
+    cfg: ExperimentConfig, *, method: TuningMethod | None = None
+) -> tuple[Dataset, list[dict], list[dict]]:
+    """Validate all the data in memory and split it (raises ``DataError`` before anything starts).
+
+    ``method`` is the run's resolved method (default: the one ``cfg.method.name`` names)."""
     ds = read_data(cfg.data.path, cfg.data.format, cfg.data.dedupe, cfg.data.file_format)
-    _check_task(cfg, ds.format)
+    _check_task(cfg, method or get_method(cfg.method.name), ds.format)
     train, val = split(ds.records, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
     return ds, train, val
 
 
-def choose_streaming(cfg: ExperimentConfig, sources: list[Source]) -> tuple[bool, str]:
+def choose_streaming(cfg: ExperimentConfig, method: TuningMethod, sources: list[Source]) -> tuple[bool, str]:
     """Whether the run streams its data through Ray Data, and why.
 
-    ``data.streaming`` decides when set. Unset: methods with their own driver (linear probe) read in memory;
+    ``data.streaming`` decides when set. Unset: methods that do not train the causal-LM loop (linear probe) read in
+    memory;
     otherwise data on a remote store, or over :data:`STREAM_ABOVE_BYTES` on disk, is streamed, and smaller local
     data is read in memory (faster to start: no Ray Data pipeline, and each worker tokenises it in seconds).
     """
     if cfg.data.streaming is not None:
         return cfg.data.streaming, f"data.streaming={str(cfg.data.streaming).lower()}"
-    if hasattr(get_method(cfg.method.name), "fit"):
+    if method.loop != "causal_lm":
         return False, f"method {cfg.method.name!r} reads its data in memory"
     remote = next((s.uri for s in sources if s.remote), None)
     if remote:
@@ -105,48 +116,57 @@ class TrainingData:
     labels: list[str]
 
 
-def load_training_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, TrainingData]:
+def load_training_data(
+    cfg: ExperimentConfig, *, method: TuningMethod | None = None
+) -> tuple[ExperimentConfig, TrainingData]:
     """Check and split the data, choose in memory or streamed, and fit the batch to the training-set size.
 
-    Returns the config to train with (``data.streaming`` resolved, the batch possibly shrunk) and the data. Prints
-    one line on the data, one on the reading path, and one when the batch changed.
+    Returns the config to train with (``data.streaming`` resolved, the batch possibly shrunk) and the data. Logs
+    one line on the data, one on the reading path, and one when the batch changed. ``method`` is the run's resolved
+    method (default: the one ``cfg.method.name`` names).
     """
-    from ray_ft.train import fit_batch_to_data, init_ray
-
-    streamed, why = choose_streaming(cfg, find_sources(cfg.data.path, cfg.data.file_format))
+    method = method or get_method(cfg.method.name)
+    streamed, why = choose_streaming(cfg, method, find_sources(cfg.data.path, cfg.data.file_format))
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"streaming": streamed})})
     if streamed:
-        from ray_ft.ingest import sample_records, scan_with_ray
-
         init_ray(cfg)
         d = cfg.data
         limits = {"seed": d.seed, "val_fraction": d.val_fraction, "limit": d.limit}
         summary = check_data(d.path, d.format, d.dedupe, d.file_format, **limits, scan=scan_with_ray)
-        _check_task(cfg, summary.format)
+        _check_task(cfg, method, summary.format)
         n_train, n_val = summary.plan.n_train, summary.plan.n_val
         eval_train, eval_val = sample_records(summary, cfg.eval.max_examples)
         data = TrainingData(summary, [], eval_train, eval_val, sorted(summary.labels))
         fmt, stats, files = summary.format, summary.stats, len({s.uri for s in summary.sources})
     else:
-        ds, train, val = load_dataset(cfg)
+        ds, train, val = load_dataset(cfg, method=method)
         n_train, n_val = len(train), len(val)
         data = TrainingData(train, val, train, val, ds.labels)
         fmt, stats, files = ds.format, ds.stats, len({r.get("_source") for r in ds.records})
-    print(
-        f"[ray-ft] data {cfg.data.path}{f' ({files} files)' if files > 1 else ''}: {fmt}, {stats['examples']} "
-        f"examples ({stats['duplicates_dropped']} duplicates dropped, {stats['normalized']} normalised); "
-        f"{f'a seeded sample of {n_train + n_val}; ' if cfg.data.limit else ''}train {n_train}, validation {n_val}",
-        flush=True,
+    logger.info(
+        "[ray-ft] data %s%s: %s, %d examples (%d duplicates dropped, %d normalised); %strain %d, validation %d",
+        cfg.data.path,
+        f" ({files} files)" if files > 1 else "",
+        fmt,
+        stats["examples"],
+        stats["duplicates_dropped"],
+        stats["normalized"],
+        f"a seeded sample of {n_train + n_val}; " if cfg.data.limit else "",
+        n_train,
+        n_val,
     )
-    print(f"[ray-ft] data {'streamed through Ray Data' if streamed else 'read in memory'}: {why}", flush=True)
+    logger.info("[ray-ft] data %s: %s", "streamed through Ray Data" if streamed else "read in memory", why)
     cfg, line = fit_batch_to_data(cfg, n_train)
     if line:
-        print(line, flush=True)
+        logger.info("%s", line)
     return cfg, data
 
 
-def artifact_metadata(cfg: ExperimentConfig, model_dir: str, run_id: str | None, **extra) -> dict[str, Any]:
-    method = get_method(cfg.method.name)
+def artifact_metadata(
+    cfg: ExperimentConfig, model_dir: str, run_id: str | None, *, method: TuningMethod | None = None, **extra
+) -> dict[str, Any]:
+    """The ``ray_ft.json`` metadata of an artifact; ``extra`` is added to it."""
+    method = method or get_method(cfg.method.name)
     return {
         "method": method.name,
         "task": method.task,
@@ -192,13 +212,11 @@ def _raise_interrupt(signum, frame):
 
 
 def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str | None = None) -> JobSummary:
-    """Train, export and evaluate one config; every step prints progress, the end prints a summary."""
-    from ray_ft.train import existing_checkpoints, fit, storage_path
-
+    """Train, export and evaluate one config; every step logs progress, the end logs a summary."""
     t0 = time.time()
-    method = get_method(cfg.method.name)
+    method = get_method(cfg.method.name)  # resolved once; everything below receives the object
     check_output_dir(cfg.output_dir, resume)  # before anything else: a refused path costs nothing
-    cfg, data = load_training_data(cfg)
+    cfg, data = load_training_data(cfg, method=method)
     out = Path(cfg.output_dir).resolve()
     if existing_checkpoints(cfg) and not resume:
         raise JobError(
@@ -216,26 +234,25 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str
         info = json.loads(run_file.read_text())
         uri, run_id = info["tracking_uri"], info["run_id"]
         tracking.client(uri).update_run(run_id, status="RUNNING")
-        print(f"[ray-ft] resuming MLflow run {run_id}", flush=True)
+        logger.info("[ray-ft] resuming MLflow run %s", run_id)
     else:
         uri, run_id = tracking.start_run(cfg, run_name=out.name, parent_run_id=parent_run_id)
         write_file(run_file, json.dumps({"tracking_uri": uri, "run_id": run_id}))
     tracking.log_artifact(uri, run_id, out / "config.yaml")
-    print(f"[ray-ft] MLflow {uri} run {run_id}", flush=True)
+    logger.info("[ray-ft] MLflow %s run %s", uri, run_id)
 
     previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM,)}
     try:
-        # A method may bring its own driver (``linear_probe``: features once, then a head); default: Ray Train loop.
-        method_fit = getattr(method, "fit", fit)
-        result = method_fit(cfg, model_dir, data.train, data.val, tracking_uri=uri, run_id=run_id)
+        result = fit(cfg, method, model_dir, data.train, data.val, tracking_uri=uri, run_id=run_id)
         summary = _finish(cfg, method, model_dir, result, data.eval_train, data.eval_val, out, uri, run_id, data)
     except (KeyboardInterrupt, SystemExit, _Interrupted) as e:
         # Ray Train turns SIGINT into a graceful abort that ends in SystemExit; SIGTERM arrives as _Interrupted.
         tracking.end_run(uri, run_id, "KILLED")
-        print(
-            f"\n[ray-ft] interrupted ({type(e).__name__}); checkpoints kept under {storage_path(cfg)}; "
-            f"continue with: ray-ft train {out / 'config.yaml'} --resume",
-            flush=True,
+        logger.info(
+            "\n[ray-ft] interrupted (%s); checkpoints kept under %s; continue with: ray-ft train %s --resume",
+            type(e).__name__,
+            storage_path(cfg),
+            out / "config.yaml",
         )
         raise KeyboardInterrupt from None
     except BaseException:
@@ -250,37 +267,57 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str
 
 
 def export_checkpoint(
-    cfg: ExperimentConfig, model_dir: str, checkpoint_dir: str | Path, out: Path, uri: str, run_id: str, **extra
+    cfg: ExperimentConfig,
+    model_dir: str,
+    checkpoint_dir: str | Path,
+    out: Path,
+    uri: str,
+    run_id: str,
+    *,
+    method: TuningMethod | None = None,
+    **extra,
 ) -> Path:
     """Copy a checkpoint's trained parameters to ``out/trainable`` and export the servable artifact beside it.
 
     Both are logged to the MLflow run, and the artifact is registered when ``tracking.registered_model`` is set.
-    ``extra`` goes into the artifact metadata. Returns the artifact directory.
+    ``extra`` goes into the artifact metadata. ``method`` is the run's resolved method (default: the one
+    ``cfg.method.name`` names). Returns the artifact directory.
     """
-    from ray_ft.train import TRAINABLE_DIR
-
-    method = get_method(cfg.method.name)
-    meta = artifact_metadata(cfg, model_dir, run_id, **extra)
+    method = method or get_method(cfg.method.name)
+    meta = artifact_metadata(cfg, model_dir, run_id, method=method, **extra)
     trained = Path(checkpoint_dir) / TRAINABLE_DIR
     write_artifact(
         out / "trainable", lambda d: shutil.copytree(trained, d, dirs_exist_ok=True), {**meta, "artifact": "trainable"}
     )
     tracking.log_artifact(uri, run_id, out / "trainable", "trainable")
     artifact_dir = out / method.artifact
-    print(f"[ray-ft] exporting {method.name} → {artifact_dir}", flush=True)
+    logger.info("[ray-ft] exporting %s → %s", method.name, artifact_dir)
     write_artifact(artifact_dir, lambda d: method.export(cfg, model_dir, out / "trainable", d), meta)
     tracking.log_artifact(uri, run_id, artifact_dir, method.artifact)
     if cfg.tracking.registered_model:
         name = cfg.tracking.registered_model.format(method=method.name)
         version = tracking.register_model(uri, run_id, name, method.artifact)
-        print(f"[ray-ft] registered model {name} version {version}", flush=True)
+        logger.info("[ray-ft] registered model %s version %s", name, version)
     return artifact_dir
 
 
-def _finish(cfg, method, model_dir, result, train, val, out: Path, uri: str, run_id: str, ds) -> JobSummary:
+def _finish(
+    cfg: ExperimentConfig,
+    method: TuningMethod,
+    model_dir: str,
+    result: FitResult,
+    train: list[dict],
+    val: list[dict],
+    out: Path,
+    uri: str,
+    run_id: str,
+    ds: TrainingData,
+) -> JobSummary:
     if result.checkpoint_dir is None:
         raise JobError("training finished without a checkpoint (Ray Train local mode keeps none); use num_workers >= 1")
-    artifact_dir = export_checkpoint(cfg, model_dir, result.checkpoint_dir, out, uri, run_id, labels=ds.labels or None)
+    artifact_dir = export_checkpoint(
+        cfg, model_dir, result.checkpoint_dir, out, uri, run_id, method=method, labels=ds.labels or None
+    )
     # Ray Train callbacks run in the controller process, so the curve is read back from the MLflow run.
     c = tracking.client(uri)
     curves = {k: {m.step: m.value for m in c.get_metric_history(run_id, k)} for k in ("loss", "val_loss")}
@@ -293,9 +330,7 @@ def _finish(cfg, method, model_dir, result, train, val, out: Path, uri: str, run
 
     evaluation: dict[str, Any] = {}
     if cfg.eval.enabled:
-        from ray_ft.evaluate import evaluate_run
-
-        evaluation = getattr(method, "evaluate_run", evaluate_run)(cfg, model_dir, artifact_dir, train, val)
+        evaluation = method.evaluate_run(cfg, model_dir, artifact_dir, train, val)
         write_file(out / "eval.json", json.dumps(evaluation, indent=1, ensure_ascii=False))
         tracking.log_artifact(uri, run_id, out / "eval.json")
         for name in evaluation.get("artifacts", []):  # files the evaluation wrote into output_dir (plots)

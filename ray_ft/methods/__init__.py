@@ -1,8 +1,8 @@
 """Registry of tuning methods.
 
-A method is one module in this package that defines a config class and an object satisfying
-:class:`TuningMethod`, and registers it with :func:`register_method` where it is defined.
-Select one with ``method.name`` in the experiment config.
+A method is one module in this package that defines an object satisfying :class:`TuningMethod` and registers
+it with :func:`register_method` where it is defined; its config class is one member of the
+``ray_ft.config.MethodConfig`` union. Select one with ``method.name`` in the experiment config.
 """
 
 from __future__ import annotations
@@ -15,21 +15,31 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from ray_ft.config import ExperimentConfig, MethodConfig
-    from ray_ft.train import FitResult
+    from ray_ft.config import ExperimentConfig
 
 ArtifactKind = Literal["merged", "export"]
 """``merged``: a standalone HF model in ``OUTPUT_DIR/merged``; ``export``: ``OUTPUT_DIR/export``."""
+TrainingLoop = Literal["causal_lm", "probe_head"]
+"""Which training loop of :mod:`ray_ft.train` trains the method: ``causal_lm`` (next-token loss through DeepSpeed)
+or ``probe_head`` (features from the frozen model once, then a classification head)."""
+
+
+class Classifier(Protocol):
+    labels: list[str]
+
+    def predict(self, texts: list[str], batch_size: int = 16) -> list[dict[str, Any]]:
+        """``[{"label": str, "probabilities": {label: float}}]``, one per text."""
 
 
 class TuningMethod(Protocol):
+    """One tuning method. Every hook is defined by every method; one that does not apply raises ``ValueError``
+    with a line saying what to use instead. Its config class lives in :mod:`ray_ft.config`."""
+
     name: str
-    config_cls: type[MethodConfig]
+    config_cls: type
     artifact: ArtifactKind
     task: Literal["generation", "classification"]
-
-    def check(self, cfg: ExperimentConfig) -> None:
-        """Refuse unsupported combinations up front (raise ``ValueError``)."""
+    loop: TrainingLoop
 
     def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device) -> PreTrainedModel:
         """Load the base model and make only this method's parameters trainable."""
@@ -40,54 +50,18 @@ class TuningMethod(Protocol):
     def export(self, cfg: ExperimentConfig, model_dir: str, trained_dir: Path, out_dir: Path) -> None:
         """Turn the trained parameters into the servable artifact in ``out_dir`` (not yet existing)."""
 
-
-# Optional hooks: a method defines these only when it needs them (callers use ``getattr``/``meta``).
-
-
-class LoadsExport(Protocol):
-    """Methods with ``artifact == "export"`` and ``task == "generation"`` (``prompt_tuning``)."""
-
     def load_export(self, export_dir: Path, meta: dict[str, Any]) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-        """The servable model (``forward``/``generate`` like a causal LM) and tokenizer; used by ``Generator.load``."""
-
-
-class Classifier(Protocol):
-    labels: list[str]
-
-    def predict(self, texts: list[str], batch_size: int = 16) -> list[dict[str, Any]]:
-        """``[{"label": str, "probabilities": {label: float}}]``, one per text."""
-
-
-class LoadsClassifier(Protocol):
-    """Methods with ``task == "classification"`` (``linear_probe``)."""
+        """The generation model (``forward``/``generate`` like a causal LM) and tokenizer of an ``export`` artifact;
+        used by ``ray_ft.inference.Generator.load``. ``merged`` artifacts are plain model directories."""
 
     def load_classifier(self, model_dir: Path, meta: dict[str, Any]) -> Classifier:
-        """The served classifier, from the exported directory and its ``ray_ft.json`` metadata."""
-
-
-class OwnDriver(Protocol):
-    """Methods that do not train through ``ray_ft.train.train_fn_per_worker`` (``linear_probe``).
-
-    ``ray_ft.job.run_training`` calls ``fit`` instead of ``ray_ft.train.fit`` and ``evaluate_run`` instead of
-    ``ray_ft.evaluate.evaluate_run``; the output layout, MLflow run and atomic export stay the same. A report may
-    list files it wrote into ``output_dir`` under ``"artifacts"``; they are logged to the run.
-    """
-
-    def fit(
-        self,
-        cfg: ExperimentConfig,
-        model_dir: str,
-        train_records: list[dict],
-        val_records: list[dict],
-        tracking_uri: str | None = None,
-        run_id: str | None = None,
-    ) -> FitResult:
-        """Train; the result's checkpoint holds ``trainable/`` as ``ray_ft.train.fit``'s does."""
+        """The classifier of a ``classification`` artifact, from its directory and ``ray_ft.json`` metadata."""
 
     def evaluate_run(
         self, cfg: ExperimentConfig, model_dir: str, artifact_dir: Path, train: list[dict], val: list[dict]
     ) -> dict[str, Any]:
-        """``{"metrics": {model: {split: {name: value}}}, "predictions": ..., "artifacts": [file, ...]}``."""
+        """Base vs tuned: ``{"metrics": {model: {split: {name: value}}}, "predictions": ..., "artifacts": [...]}``;
+        ``artifacts`` lists files written into ``output_dir`` (logged to the MLflow run)."""
 
 
 _REGISTRY: dict[str, TuningMethod] = {}
@@ -119,3 +93,15 @@ def get_method(name: str) -> TuningMethod:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(_REGISTRY)}") from None
+
+
+def not_a_classifier(method: TuningMethod, model_dir: Path | str) -> ValueError:
+    """The error ``load_classifier`` raises for a generation method."""
+    return ValueError(f"{model_dir}: not a classifier (method {method.name!r}, task {method.task!r}); use generate")
+
+
+def not_an_export(method: TuningMethod, export_dir: Path | str) -> ValueError:
+    """The error ``load_export`` raises for a method whose artifact is not an ``export`` generation model."""
+    return ValueError(
+        f"{export_dir}: method {method.name!r} writes no generation export (artifact {method.artifact!r})"
+    )

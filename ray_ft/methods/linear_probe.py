@@ -5,53 +5,43 @@ wanted, or when the backbone must stay shared and untouched: it trains ``hidden_
 
 It is fast because the backbone runs exactly once per text: features are computed by a pool of Ray Data
 actors (``map_batches`` over the frozen model, ``method.feature_workers`` of them), then the head trains on the
-cached features in a Ray Train ``TorchTrainer`` run (plain DDP over gloo/NCCL; DeepSpeed has nothing to shard
-in a linear layer, so ``deepspeed.*`` is not used by this method). Features are standardised with the training
-set's mean and standard deviation, which are stored with the head.
+cached features in a Ray Train ``TorchTrainer`` run (:mod:`ray_ft.train.probe`; plain DDP over gloo/NCCL;
+DeepSpeed has nothing to shard in a linear layer, so ``deepspeed.*`` is not used by this method). Features are
+standardised with the training set's mean and standard deviation, which are stored with the head.
 
 The artifact is ``OUTPUT_DIR/export/``: ``head.safetensors`` (weights and the standardisation), ``probe.json``
 (labels, pooling, layer), the tokenizer, and the base model reference in ``ray_ft.json``. Load it with
 ``get_method("linear_probe").load_classifier(dir, meta)``; ``ray-ft classify DIR TEXT...`` prints predictions.
+Its config is :class:`ray_ft.config.LinearProbeMethodConfig`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
+import logging
 import resource
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from ray_ft.config import Count, ExperimentConfig, MethodConfig, Size
+from ray_ft.config import ExperimentConfig, LinearProbeMethodConfig
 from ray_ft.data import clean_text
 from ray_ft.device import select_device
-from ray_ft.methods import register_method
-from ray_ft.models import load_causal_lm, load_tokenizer, torch_dtype
+from ray_ft.evaluate import classification_metrics, evaluate_classification, plot_confusion_matrix
+from ray_ft.export import read_metadata
+from ray_ft.methods import not_an_export, register_method
+from ray_ft.models import base_model_dir, load_causal_lm, load_tokenizer, torch_dtype
+
+logger = logging.getLogger(__name__)
 
 HEAD_FILE = "head.safetensors"
 PROBE_FILE = "probe.json"
 CONFUSION_PNG = "confusion_matrix.png"
-
-
-class LinearProbeMethodConfig(MethodConfig):
-    name: Literal["linear_probe"] = "linear_probe"
-    pooling: Literal["mean", "last"] = "mean"
-    """``mean``: average over the text's tokens; ``last``: the hidden state of its last token."""
-    layer: Annotated[int, Field(ge=-100_000, le=100_000)] = -1
-    """Hidden layer to read: ``-1`` the final, normalised one; ``k`` the output of decoder layer ``k`` (``0``: the
-    embeddings). Middle layers often pool better features than the last."""
-    feature_batch_size: Size = 16
-    """Texts per forward pass of the frozen model."""
-    feature_workers: Count | None = None
-    """Ray Data actors computing features (each holds one copy of the model); default ``scaling.num_workers``."""
 
 
 # --------------------------------------------------------------------------- features
@@ -219,110 +209,6 @@ def load_head(path: Path) -> ProbeHead:
     return head.eval()
 
 
-def train_head_per_worker(loop_config: dict[str, Any]) -> None:
-    """The head's training loop on every Ray Train worker (DDP; each rank takes its share of every batch)."""
-    import ray.train
-    import ray.train.torch
-
-    from ray_ft.tracking import StepLogger
-    from ray_ft.train import (
-        STATE_FILE,
-        TRAINABLE_DIR,
-        _all_reduce,
-        lr_lambda,
-        plan_steps,
-        quiet_report_log,
-        report_checkpoint,
-    )
-
-    cfg = ExperimentConfig.model_validate(loop_config["config"])
-    quiet_report_log()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.train.seed)
-    info = loop_config["probe_info"]
-    x_train = torch.tensor(np.asarray(loop_config["train_features"]), dtype=torch.float32)
-    y_train = torch.tensor(loop_config["train_label_ids"], dtype=torch.long)
-    x_val = torch.tensor(np.asarray(loop_config["val_features"]), dtype=torch.float32).reshape(-1, x_train.shape[1])
-    y_val = torch.tensor(loop_config["val_label_ids"], dtype=torch.long)
-
-    head = ProbeHead(x_train.shape[1], len(info["labels"]), info)
-    head.feature_mean.copy_(x_train.mean(0))
-    head.feature_std.copy_(x_train.std(0, unbiased=False).clamp(min=1e-6))
-    model = ray.train.torch.prepare_model(head)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps_per_epoch, total_steps = plan_steps(cfg, len(x_train), world)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-
-    start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            head.load_state_dict(load_head(Path(d) / TRAINABLE_DIR).state_dict())
-            state = torch.load(Path(d) / "optimizer.pt", weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_step = int(json.loads((Path(d) / STATE_FILE).read_text())["step"])
-        if rank == 0:
-            print(f"[ray-ft] resumed the probe head from step {start_step}/{total_steps}", flush=True)
-
-    logger = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
-    if logger is not None:
-        logger.log({"trainable_params": sum(p.numel() for p in head.parameters())}, step=start_step)
-    global_batch = cfg.train.batch_size * world
-    eval_every = cfg.train.eval_every or steps_per_epoch
-    loss_fn = torch.nn.CrossEntropyLoss()
-    order: torch.Tensor | None = None
-    for step in range(start_step, total_steps):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or order is None:
-            # One shuffle per epoch, padded by wrapping so every rank gets a full share of every batch.
-            perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
-            order = perm.repeat(math.ceil(steps_per_epoch * global_batch / len(perm)))
-        batch = order[i * global_batch : (i + 1) * global_batch][rank::world]
-        model.train()
-        loss = loss_fn(model(x_train[batch]), y_train[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        (loss_mean,) = _all_reduce([loss.item()])
-        done = step + 1
-        metrics: dict[str, Any] = {
-            "step": done,
-            "epoch": done / steps_per_epoch,
-            "loss": loss_mean / world,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
-        }
-        is_eval = done % eval_every == 0 or done == total_steps
-        if is_eval:
-            head.eval()
-            with torch.no_grad():
-                metrics["train_accuracy"] = float((head(x_train).argmax(1) == y_train).float().mean())
-                if len(x_val):
-                    val_logits = head(x_val)
-                    metrics["val_loss"] = float(loss_fn(val_logits, y_val))
-                    metrics["val_accuracy"] = float((val_logits.argmax(1) == y_val).float().mean())
-        if rank == 0 and (is_eval or done % cfg.train.log_every == 0):
-            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("step", "epoch"))
-            print(f"[ray-ft] step {done}/{total_steps} epoch {metrics['epoch']:.2f} {shown}", flush=True)
-            logger.log({k: v for k, v in metrics.items() if k != "step"}, step=done)
-        if is_eval:
-
-            def write(out: Path, done: int = done) -> None:
-                save_head(head, out / TRAINABLE_DIR)
-                torch.save(
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, out / "optimizer.pt"
-                )
-                (out / STATE_FILE).write_text(json.dumps({"step": done}))
-
-            report_checkpoint(cfg, metrics, done, write, has_checkpoint=rank == 0)
-        elif done % cfg.train.log_every == 0:
-            ray.train.report(metrics)
-
-
 # --------------------------------------------------------------------------- serving side
 
 
@@ -371,23 +257,7 @@ class LinearProbeMethod:
     config_cls = LinearProbeMethodConfig
     artifact = "export"
     task = "classification"
-
-    def check(self, cfg: ExperimentConfig) -> None:
-        if cfg.data.format not in ("auto", "classification"):
-            raise ValueError(
-                f"method 'linear_probe' needs classification data ({{text, label}}); data.format is {cfg.data.format!r}"
-            )
-        if cfg.train.grad_accum != 1:
-            raise ValueError("method 'linear_probe' trains on cached features; train.grad_accum must be 1")
-        options = {
-            "data.streaming": cfg.data.streaming,
-            "train.packing": cfg.train.packing,
-            "train.compile": cfg.train.compile,
-            "train.fused_linear_cross_entropy": cfg.train.fused_linear_cross_entropy,
-        }
-        for key, on in options.items():
-            if on:
-                raise ValueError(f"method 'linear_probe' trains a head on cached features; {key} must be false")
+    loop = "probe_head"
 
     def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device):
         """The frozen backbone (nothing in it trains; the head is built on its features)."""
@@ -401,83 +271,16 @@ class LinearProbeMethod:
     def save_trainable(self, model: ProbeHead, path: Path, tokenizer=None) -> None:
         save_head(model, path)
 
-    def fit(
-        self,
-        cfg: ExperimentConfig,
-        model_dir: str,
-        train_records: list[dict],
-        val_records: list[dict],
-        tracking_uri: str | None = None,
-        run_id: str | None = None,
-    ):
-        """Features once (Ray Data actors), then the head (Ray Train); returns ``ray_ft.train.FitResult``."""
-        from ray_ft.tracking import StepLogger
-        from ray_ft.train import fit, init_ray
-
-        check_layer(cfg, model_dir)
-        init_ray(cfg)
-        labels = sorted({str(r["label"]) for r in [*train_records, *val_records]})
-        label_id = {label: i for i, label in enumerate(labels)}
-        texts = [r["text"] for r in [*train_records, *val_records]]
-        workers = cfg.method.feature_workers or cfg.scaling.num_workers
-        if cfg.deepspeed.enabled:
-            print(
-                "[ray-ft] linear_probe: the head trains with plain DDP; deepspeed.* settings are not used", flush=True
-            )
-        print(
-            f"[ray-ft] features: {len(texts)} texts through the frozen model on {workers} Ray Data actor(s), "
-            f"{cfg.method.pooling} pooling, layer {cfg.method.layer}",
-            flush=True,
-        )
-        t0 = time.time()
-        features, stats = extract_features(cfg, model_dir, texts)
-        print(
-            f"[ray-ft] features: {features.shape[0]}×{features.shape[1]} in {stats['feature_s']:.1f}s "
-            f"({stats['tokens_per_s']:.0f} tokens/s, actor peak RSS {stats['peak_rss_mb']:.0f} MB)",
-            flush=True,
-        )
-        StepLogger(tracking_uri, run_id).log(stats, step=0)
-        n_train = len(train_records)
-        info = {
-            "labels": labels,
-            "pooling": cfg.method.pooling,
-            "layer": cfg.method.layer,
-            "max_length": cfg.data.max_length,
-            "hidden_size": int(features.shape[1]),
-        }
-        result = fit(
-            cfg,
-            model_dir,
-            train_records,
-            val_records,
-            tracking_uri=tracking_uri,
-            run_id=run_id,
-            train_fn=train_head_per_worker,
-            extra_loop_config={
-                "probe_info": info,
-                "train_features": features[:n_train],
-                "train_label_ids": [label_id[str(r["label"])] for r in train_records],
-                "val_features": features[n_train:],
-                "val_label_ids": [label_id[str(r["label"])] for r in val_records],
-            },
-        )
-        result.metrics = {
-            **result.metrics,
-            **stats,
-            "peak_mem_mb": max(stats["peak_rss_mb"], result.metrics.get("peak_mem_mb", 0.0)),
-        }
-        result.wall_s = time.time() - t0
-        return result
-
     def export(self, cfg: ExperimentConfig, model_dir: str, trained_dir: Path, out_dir: Path) -> None:
         for name in (HEAD_FILE, PROBE_FILE):
             shutil.copy2(Path(trained_dir) / name, out_dir / name)
         load_tokenizer(model_dir, cfg.model.trust_remote_code).save_pretrained(out_dir)
 
+    def load_export(self, export_dir: Path, meta: dict[str, Any]):
+        raise not_an_export(self, export_dir)
+
     def load_classifier(self, model_dir: str | Path, meta: dict[str, Any]) -> ProbeClassifier:
         """The classifier served from an exported directory (backbone from the base model reference)."""
-        from ray_ft.methods.prompt_tuning import base_model_dir
-
         head = load_head(Path(model_dir))
         placement = select_device()  # the backbone on the GPU when there is one; features come back to the CPU head
         backbone = load_backbone(base_model_dir(meta), placement.dtype).to(placement.device)
@@ -487,9 +290,6 @@ class LinearProbeMethod:
         self, cfg: ExperimentConfig, model_dir: str, artifact_dir: Path, train: list[dict], val: list[dict]
     ) -> dict[str, Any]:
         """Tuned (the exported classifier) vs base (always the most frequent training label), per split."""
-        from ray_ft.evaluate import classification_metrics, evaluate_classification, plot_confusion_matrix
-        from ray_ft.export import read_metadata
-
         classifier = self.load_classifier(artifact_dir, read_metadata(artifact_dir))
         labels = classifier.labels
         counts = {label: sum(str(r["label"]) == label for r in train) for label in labels}
@@ -500,7 +300,7 @@ class LinearProbeMethod:
         for split_name, records in {"train": train[:n], "validation": val[:n]}.items():
             if not records:
                 continue
-            print(f"[ray-ft] evaluating the probe on {len(records)} {split_name} texts", flush=True)
+            logger.info("[ray-ft] evaluating the probe on %d %s texts", len(records), split_name)
             references = [str(r["label"]) for r in records]
             metrics["base"][split_name] = classification_metrics([majority] * len(records), references, labels)
             tuned = evaluate_classification(classifier, records, labels, batch_size=cfg.eval.batch_size)
@@ -514,7 +314,7 @@ class LinearProbeMethod:
             title=f"linear probe, {shown}",
         )
         report = {"metrics": metrics, "predictions": predictions, "artifacts": [CONFUSION_PNG]}
-        print(format_classification_report(report, cfg.eval.show_examples), flush=True)
+        logger.info("%s", format_classification_report(report, cfg.eval.show_examples))
         return report
 
 
@@ -530,31 +330,6 @@ def format_classification_report(report: dict[str, Any], show_examples: int = 3)
             )
         break
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cmd_classify(args: argparse.Namespace) -> int:
-    from ray_ft.export import read_metadata
-    from ray_ft.methods import get_method
-
-    meta = read_metadata(args.model_dir)
-    if meta.get("task") != "classification":
-        raise ValueError(
-            f"{args.model_dir}: not a classifier (task {meta.get('task', 'generation')!r}); use `ray-ft generate`"
-        )
-    classifier = get_method(meta["method"]).load_classifier(Path(args.model_dir), meta)
-    for text, result in zip(args.texts, classifier.predict(args.texts), strict=True):
-        print(json.dumps({"text": text, **result}, ensure_ascii=False))
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("classify", help="label texts with a trained classifier (linear probe); JSON lines")
-    p.add_argument("model_dir", help="an exported classifier (OUTPUT_DIR/export)")
-    p.add_argument("texts", nargs="+")
-    p.set_defaults(func=cmd_classify)
 
 
 register_method(LinearProbeMethod())

@@ -2,34 +2,21 @@
 
 Use it when the model must learn new content or style cheaply: a few million trainable
 parameters, any ZeRO stage, and a merged standalone model at the end (``merge_and_unload``),
-so serving pays no adapter overhead.
+so serving pays no adapter overhead. Its config is :class:`ray_ft.config.LoraMethodConfig`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
-from ray_ft.config import ExperimentConfig, MethodConfig, NonNegative, Size
+from ray_ft.config import ExperimentConfig, LoraMethodConfig
 from ray_ft.device import select_device
-from ray_ft.methods import register_method
+from ray_ft.evaluate import evaluate_run
+from ray_ft.methods import not_a_classifier, not_an_export, register_method
 from ray_ft.models import default_lora_targets, load_base_for_training, load_causal_lm, load_tokenizer
-
-
-class LoraMethodConfig(MethodConfig):
-    name: Literal["lora"] = "lora"
-    r: Size = 16
-    alpha: Size = 32
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    target_modules: list[str] | str | None = None
-    """Module names (or ``all-linear``); default: the model family's projections."""
-    layers_to_transform: list[NonNegative] | None = None
-    """Only adapt these decoder layers (default: all)."""
-    top_layers: Size | None = None
-    """Only adapt the top N decoder layers: backward stops below them, so steps are faster."""
 
 
 def _layers(cfg: LoraMethodConfig, model) -> list[int] | None:
@@ -40,6 +27,7 @@ def _layers(cfg: LoraMethodConfig, model) -> list[int] | None:
 
 
 def lora_config(cfg: LoraMethodConfig, model):
+    """PEFT's ``LoraConfig`` for ``model`` (QLoRA's config is a ``LoraMethodConfig`` too)."""
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -67,15 +55,13 @@ def merge_adapter(cfg: ExperimentConfig, model_dir: str, adapter_dir: Path, out_
 
 
 class LoraMethod:
+    """LoRA; :class:`ray_ft.methods.qlora.QLoraMethod` is this method on a 4-bit base."""
+
     name = "lora"
     config_cls = LoraMethodConfig
     artifact = "merged"
     task = "generation"
-
-    def check(self, cfg: ExperimentConfig) -> None:
-        m = cfg.method
-        if m.top_layers is not None and m.layers_to_transform is not None:
-            raise ValueError("method.top_layers and method.layers_to_transform are exclusive; set one")
+    loop = "causal_lm"
 
     def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device):
         from peft import get_peft_model
@@ -88,6 +74,17 @@ class LoraMethod:
 
     def export(self, cfg: ExperimentConfig, model_dir: str, trained_dir: Path, out_dir: Path) -> None:
         merge_adapter(cfg, model_dir, trained_dir, out_dir)
+
+    def load_export(self, export_dir: Path, meta: dict[str, Any]):
+        raise not_an_export(self, export_dir)
+
+    def load_classifier(self, model_dir: Path, meta: dict[str, Any]):
+        raise not_a_classifier(self, model_dir)
+
+    def evaluate_run(
+        self, cfg: ExperimentConfig, model_dir: str, artifact_dir: Path, train: list[dict], val: list[dict]
+    ) -> dict[str, Any]:
+        return evaluate_run(cfg, model_dir, artifact_dir, train, val)
 
 
 register_method(LoraMethod())

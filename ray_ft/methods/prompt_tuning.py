@@ -5,29 +5,22 @@ Use it when many tasks share one base model and each task may only ship a few ki
 content, mostly format and style) and wants a higher learning rate (1e-2 to 3e-1). The prompt cannot be merged
 into the weights, so the artifact is ``OUTPUT_DIR/export/``: the prompt (PEFT adapter files), the tokenizer,
 and a reference to the base model in ``ray_ft.json``; :meth:`PromptTuningMethod.load_export` rebuilds the
-model for ``ray-ft generate``, evaluation and serving.
+model for ``ray-ft generate``, evaluation and serving. Its config is
+:class:`ray_ft.config.PromptTuningMethodConfig`.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from ray_ft.config import ExperimentConfig, MethodConfig, ModelConfig, Size
-from ray_ft.methods import register_method
-from ray_ft.models import load_base_for_training, load_causal_lm, load_tokenizer, resolve_model_dir
-
-
-class PromptTuningMethodConfig(MethodConfig):
-    name: Literal["prompt_tuning"] = "prompt_tuning"
-    num_virtual_tokens: Size = 20
-    """How many trainable embeddings are prepended to every sequence."""
-    init: Literal["text", "random"] = "text"
-    """``text``: start from the embeddings of ``init_text`` (repeated or cut to length); ``random``: random."""
-    init_text: str = "Answer the question accurately and concisely:"
+from ray_ft.config import ExperimentConfig, PromptTuningMethodConfig
+from ray_ft.evaluate import evaluate_run
+from ray_ft.methods import not_a_classifier, register_method
+from ray_ft.models import base_model_dir, load_base_for_training, load_causal_lm, load_tokenizer
 
 
 class PromptTunedLM(torch.nn.Module):
@@ -74,35 +67,12 @@ class PromptTunedLM(torch.nn.Module):
         return sequences
 
 
-def base_model_dir(meta: dict[str, Any]) -> str:
-    """The base model of an exported artifact: ``base_model_dir`` if present here, else ``base_model`` resolved."""
-    local = meta.get("base_model_dir")
-    if local and Path(local).is_dir():
-        return local
-    if not meta.get("base_model"):
-        raise ValueError("artifact metadata names no base model (base_model / base_model_dir)")
-    return resolve_model_dir(ModelConfig(name_or_path=meta["base_model"]))
-
-
 class PromptTuningMethod:
     name = "prompt_tuning"
     config_cls = PromptTuningMethodConfig
     artifact = "export"
     task = "generation"
-
-    def check(self, cfg: ExperimentConfig) -> None:
-        m = cfg.method
-        if m.num_virtual_tokens >= cfg.data.max_length:
-            raise ValueError(
-                f"method.num_virtual_tokens ({m.num_virtual_tokens}) must be smaller than data.max_length "
-                f"({cfg.data.max_length})"
-            )
-        if cfg.train.packing:
-            raise ValueError("train.packing does not work with prompt tuning (the virtual tokens lead every example)")
-        if cfg.train.fused_linear_cross_entropy:
-            raise ValueError("train.fused_linear_cross_entropy does not work with prompt tuning (the virtual tokens)")
-        if m.init == "text" and not m.init_text.strip():
-            raise ValueError("method.init_text must be non-empty when method.init is 'text'")
+    loop = "causal_lm"
 
     def peft_config(self, cfg: ExperimentConfig, model_dir: str):
         from peft import PromptTuningConfig, PromptTuningInit, TaskType
@@ -153,6 +123,14 @@ class PromptTuningMethod:
         base = load_causal_lm(base_model_dir(meta), torch.float32)
         peft_model = PeftModel.from_pretrained(base, str(export_dir), is_trainable=False)
         return PromptTunedLM(peft_model).eval(), load_tokenizer(str(export_dir))
+
+    def load_classifier(self, model_dir: Path, meta: dict[str, Any]):
+        raise not_a_classifier(self, model_dir)
+
+    def evaluate_run(
+        self, cfg: ExperimentConfig, model_dir: str, artifact_dir: Path, train: list[dict], val: list[dict]
+    ) -> dict[str, Any]:
+        return evaluate_run(cfg, model_dir, artifact_dir, train, val)
 
 
 register_method(PromptTuningMethod())

@@ -7,28 +7,17 @@ quantised weights: the base is reloaded at full precision and the adapter merged
 so the artifact is the same standalone ``OUTPUT_DIR/merged`` model LoRA produces.
 
 Runs on CPU (bitsandbytes >= 0.48 has CPU 4-bit kernels; fp32 compute) and on CUDA (bf16 compute). DeepSpeed
-ZeRO stages 0-2 work; ZeRO-3 is refused (see :meth:`QLoraMethod.check`).
+ZeRO stages 0-2 work; ZeRO-3 is refused (see :meth:`ray_ft.config.QLoraMethodConfig.check`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
-
 import torch
 
-from ray_ft.config import ExperimentConfig
+from ray_ft.config import ExperimentConfig, QLoraMethodConfig
 from ray_ft.methods import register_method
-from ray_ft.methods.lora import LoraMethod, LoraMethodConfig, lora_config, merge_adapter
+from ray_ft.methods.lora import LoraMethod, lora_config
 from ray_ft.models import attention_kwargs, load_causal_lm, torch_dtype
-
-
-class QLoraMethodConfig(LoraMethodConfig):
-    name: Literal["qlora"] = "qlora"
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """dtype the 4-bit layers compute in; ``auto``: bf16 on GPU, fp32 on CPU (faster there than bf16)."""
-    double_quant: bool = True
-    """Quantise the quantisation constants too (about 0.4 bit per weight saved)."""
 
 
 def quantization_config(cfg: QLoraMethodConfig, use_gpu: bool):
@@ -61,21 +50,11 @@ def load_quantized(cfg: ExperimentConfig, model_dir: str, device: torch.device):
     )
 
 
-class QLoraMethod:
+class QLoraMethod(LoraMethod):
+    """LoRA's adapters, save and export (the merge reloads the base at full precision); only loading differs."""
+
     name = "qlora"
     config_cls = QLoraMethodConfig
-    artifact = "merged"
-    task = "generation"
-
-    def check(self, cfg: ExperimentConfig) -> None:
-        LoraMethod().check(cfg)
-        if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
-            raise ValueError(
-                "method 'qlora' with deepspeed.zero_stage=3 is not supported: ZeRO-3 partitions the frozen base "
-                "weights, which are bitsandbytes 4-bit tensors loaded whole on every worker (no zero.Init for "
-                "4-bit), so it gains no memory and adds an all-gather per layer; use deepspeed.zero_stage 0-2, or "
-                "method.name=lora with ZeRO-3"
-            )
 
     def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device):
         from peft import get_peft_model, prepare_model_for_kbit_training
@@ -87,12 +66,6 @@ class QLoraMethod:
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
         return get_peft_model(model, lora_config(cfg.method, model))
-
-    def save_trainable(self, model, path: Path, tokenizer) -> None:
-        model.save_pretrained(path, safe_serialization=True)
-
-    def export(self, cfg: ExperimentConfig, model_dir: str, trained_dir: Path, out_dir: Path) -> None:
-        merge_adapter(cfg, model_dir, trained_dir, out_dir)
 
 
 register_method(QLoraMethod())

@@ -10,16 +10,15 @@ and its routes), :mod:`~ray_ft.serving.app` (the Serve builder) and :mod:`~ray_f
 
 from ray_ft.serving.app import APP_NAME, build_app
 from ray_ft.serving.args import API_KEY_ENV, RequestLimits, ServeArgs, parse_serve_args
-from ray_ft.serving.launch import add_cli, check_port_free, parse_replicas
+from ray_ft.serving.launch import check_port_free, serve
 
 __all__ = [
     "API_KEY_ENV",
     "APP_NAME",
     "RequestLimits",
     "ServeArgs",
-    "add_cli",
     "build_app",
     "check_port_free",
-    "parse_replicas",
     "parse_serve_args",
+    "serve",
 ]

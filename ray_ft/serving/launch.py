@@ -1,30 +1,20 @@
-"""``ray-ft serve``: start (or join) Ray, run the application until SIGINT/SIGTERM, then shut down cleanly."""
+"""``ray-ft serve`` (:func:`serve`): start (or join) Ray, run the application until SIGINT/SIGTERM, then shut down
+cleanly. Its command-line arguments are parsed in ``ray_ft.cli``."""
 
 from __future__ import annotations
 
-import argparse
+import logging
 import os
 import signal
 import socket
 import threading
 import time
-from typing import Any
 
 from ray_ft.serving.app import APP_NAME, build_app
-from ray_ft.serving.args import parse_serve_args
+from ray_ft.serving.args import ServeArgs
 from ray_ft.serving.catalog import resolve_plan
 
-
-def parse_replicas(text: str) -> tuple[int, int]:
-    """``"1:2"`` -> ``(1, 2)``; ``"2"`` -> ``(2, 2)``."""
-    low, sep, high = text.partition(":")
-    try:
-        bounds = (int(low), int(high)) if sep else (int(low), int(low))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN:MAX or N, got {text!r}") from None
-    if bounds[0] < 0 or bounds[1] < 1 or bounds[0] > bounds[1]:
-        raise argparse.ArgumentTypeError(f"need 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
-    return bounds
+logger = logging.getLogger(__name__)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -47,16 +37,16 @@ def serve(settings: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> int
     """
     from ray import serve as ray_serve
 
-    from ray_ft.train.runtime import init_ray
+    from ray_ft.train.runtime import start_ray
 
     plan = resolve_plan(settings.models, settings.model_names, settings.base_model_name)
     app = build_app(settings, plan)
     check_port_free(host, port)
     address = os.environ.get("RAY_ADDRESS")
-    own_cluster = not address
     logger.info("[ray-ft] starting Ray (%s)", "connecting to " + address if address else "local")
     # The proxy and controller need a share beside the replicas; vLLM's engine runs in processes of its own.
-    init_ray(
+    own_cluster = start_ray(
+        address,
         cpus_needed=settings.max_replicas * settings.num_cpus + 1,
         gpus_needed=settings.max_replicas * settings.num_gpus,
         log_to_driver=False,
@@ -95,38 +85,3 @@ def serve(settings: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> int
             signal.signal(sig, handler)
     logger.info("[ray-ft] stopped after %.0fs", time.time() - started)
     return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options ``ray-ft serve`` and ``ray-ft tune --deploy`` share."""
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $RAY_FT_API_KEY)")
-    p.add_argument(
-        "--replicas", type=parse_replicas, default=(1, 2), metavar="MIN:MAX", help="autoscaling bounds (default 1:2)"
-    )
-    p.add_argument("--num-cpus", type=float, default=1.0, help="logical CPUs per replica (default 1)")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
-    p.add_argument("--request-timeout-s", type=float, default=None, help="504 after this many seconds (default 300)")
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``ray-ft serve``."""
-    p = subparsers.add_parser(
-        "serve",
-        help="serve tuned models over an OpenAI-compatible HTTP API (Ray Serve + vLLM)",
-        description=(
-            "Serve MODEL ... until SIGINT/SIGTERM. Each MODEL is a training output directory, an artifact "
-            "(merged/, export/) or a Hugging Face model directory; LoRA/QLoRA outputs sharing a base are served "
-            "as adapters of one engine, each under its directory's name. The API key defaults to $RAY_FT_API_KEY."
-        ),
-    )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="output or model directories")
-    p.add_argument(
-        "--model-name",
-        action="append",
-        default=[],
-        help="model id in the API, once per MODEL in order (default: each directory's name)",
-    )
-    add_arguments(p)
-    p.set_defaults(func=cmd_serve)

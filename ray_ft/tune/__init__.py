@@ -24,7 +24,7 @@ MLflow: one parent run for the search and one nested child run per trial (tag ``
 holding the trial's hyper-parameters, resolved config and per-step curves.
 """
 
-from ray_ft.tune.command import add_cli, cmd_tune, tune_command
+from ray_ft.tune.command import tune_command
 from ray_ft.tune.driver import SEARCH_STATE_FILE, concurrent_trials, run_search
 from ray_ft.tune.export import TOP_ADAPTERS, export_top_adapters
 from ray_ft.tune.report import (
@@ -59,9 +59,7 @@ __all__ = [
     "SearchContext",
     "SearchSummary",
     "TrialOutcome",
-    "add_cli",
     "check_search",
-    "cmd_tune",
     "concurrent_trials",
     "export_top_adapters",
     "print_summary",

@@ -1,9 +1,8 @@
 """``ray-ft tune CONFIG [key=value ...] [--resume] [--deploy]``: :func:`tune_command` does the work from typed
-arguments; :func:`add_cli` and :func:`cmd_tune` connect it to ``ray_ft.cli``'s parser."""
+arguments (parsed by ``ray_ft.cli``)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shlex
 import sys
@@ -50,23 +49,3 @@ def tune_command(
         print("error: --deploy: the search exported no model", file=sys.stderr)
         return 2
     return deploy(models, host, port)
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    return tune_command(args.config, args.overrides, args.resume, args.deploy, args.host, args.port)
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``ray-ft tune CONFIG [key=value ...] [--resume] [--deploy]``."""
-    p = subparsers.add_parser(
-        "tune", help="search LoRA r/alpha/learning rate with Ray Tune + ASHA; export the best trial"
-    )
-    p.add_argument("config", help="YAML config with a `tune` section (see jobs/tune_lora.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides (e.g. tune.num_samples=8)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search in output_dir")
-    p.add_argument(
-        "--deploy", action="store_true", help="serve the best trials' adapters (or the best model) after the search"
-    )
-    p.add_argument("--host", default="127.0.0.1", help="with --deploy: address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="with --deploy: port to listen on")
-    p.set_defaults(func=cmd_tune)

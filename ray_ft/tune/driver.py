@@ -34,18 +34,11 @@ def concurrent_trials(cfg: ExperimentConfig, cluster: dict[str, float]) -> int:
 
 
 def _init_ray(cfg: ExperimentConfig) -> None:
-    """Connect to the configured cluster, or start a local Ray that can hold at least one trial.
-
-    ``init_ray`` sizes a local Ray for the Train workers; a trial also holds its driver's ``DRIVER_CPU``, so the
-    workers' share is asked for with that added.
-    """
+    """Connect to the configured cluster, or start a local Ray that can hold at least one trial: its Train
+    workers plus the trial's driver (``DRIVER_CPU``)."""
     from ray_ft.train import init_ray
 
-    workers = cfg.scaling.num_workers
-    if workers:
-        per_worker = trial_resources(cfg)["CPU"] / workers
-        cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"cpus_per_worker": per_worker})})
-    init_ray(cfg)
+    init_ray(cfg, extra_cpus=DRIVER_CPU)
 
 
 def _trial_name(trial) -> str:

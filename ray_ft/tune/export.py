@@ -4,7 +4,6 @@ engine), and ``--deploy``, which serves them after the search."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -20,16 +19,13 @@ TOP_ADAPTERS = 3
 
 def checkpoint_dir(path: str, storage_root: str) -> str:
     """A local directory holding a checkpoint reported at ``path`` (downloaded when storage is remote)."""
-    if Path(path).is_dir():
-        return path
-    import tempfile
-
     import pyarrow.fs
     from ray.train import Checkpoint
 
-    fs, _ = pyarrow.fs.FileSystem.from_uri(storage_root)
-    local = tempfile.mkdtemp(prefix="ray-ft-best-")
-    return Checkpoint(path, filesystem=fs).to_directory(local)
+    from ray_ft.train.checkpointing import local_checkpoint_dir
+
+    fs = None if Path(path).is_dir() else pyarrow.fs.FileSystem.from_uri(storage_root)[0]
+    return local_checkpoint_dir(Checkpoint(path, filesystem=fs))
 
 
 def export_best(
@@ -86,18 +82,11 @@ def export_top_adapters(
 
 
 def deploy(models: list[str], host: str, port: int) -> int:
-    """Serve ``models`` with ``ray-ft serve`` until SIGINT/SIGTERM (on ``$RAY_ADDRESS`` or a new local Ray).
-
-    ``ray_ft.serving`` starts only from its command line (``cmd_serve(args)``), so the arguments go through
-    its own parser.
-    """
+    """Serve ``models`` as ``ray-ft serve`` does, until SIGINT/SIGTERM (on ``$RAY_ADDRESS`` or a new local Ray)."""
     import ray
 
-    import ray_ft.serving as serving
+    from ray_ft.serving import parse_serve_args, serve
 
     ray.shutdown()  # the search's Ray connection; serving starts or joins its own
     logger.info("[ray-ft] deploying %s", ", ".join(models))
-    parser = argparse.ArgumentParser(prog="ray-ft")
-    serving.add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", *models, "--host", host, "--port", str(port)])
-    return args.func(args)
+    return serve(parse_serve_args({"models": models}, source="ray-ft tune --deploy"), host, port)

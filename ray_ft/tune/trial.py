@@ -11,7 +11,9 @@ from typing import Any
 
 from ray_ft import logs, tracking
 from ray_ft.config import ExperimentConfig
+from ray_ft.methods import get_method
 from ray_ft.tracking import RunRef
+from ray_ft.train import WorkerInput, build_trainer
 from ray_ft.tune.space import resolve_hyperparameters, trial_config
 
 logger = logging.getLogger(__name__)
@@ -83,8 +85,6 @@ def train_driver_fn(config: dict[str, Any], context: SearchContext) -> None:
     """
     import ray.tune
 
-    from ray_ft.train import build_trainer
-
     logs.configure()  # this runs in a Ray worker process, whose stdout Ray forwards to the driver
     trial_id = ray.tune.get_context().get_trial_id()
     base = ExperimentConfig.model_validate(context.base_config)
@@ -93,17 +93,18 @@ def train_driver_fn(config: dict[str, Any], context: SearchContext) -> None:
     run = child_run(context, cfg, trial_id, hyperparameters)
     hp_text = ", ".join(f"{k} {v:g}" for k, v in hyperparameters.items())
     logger.info("[ray-ft] trial %s: %s; MLflow run %s", trial_id, hp_text, run.run_id)
-    loop_config = {
-        "config": cfg.to_dict(),
-        "model_dir": context.model_dir,
-        "train_records": context.train_records,
-        "val_records": context.val_records,
-        "tracking_uri": run.uri,
-        "run_id": run.run_id,
-    }
+    inputs = WorkerInput(
+        config=cfg,
+        method=get_method(cfg.method.name),
+        model_dir=context.model_dir,
+        train_records=context.train_records,
+        val_records=context.val_records,
+        tracking_uri=run.uri,
+        run_id=run.run_id,
+    )
     trainer = build_trainer(
         cfg,
-        loop_config,
+        inputs,
         callbacks=[_report_callback(base.tune.metric)],
         name=f"trial_{trial_id}",
         storage=context.train_storage,

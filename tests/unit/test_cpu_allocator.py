@@ -1,4 +1,4 @@
-"""The CPU workers' allocator settings (``ray_ft.train.keep_freed_memory``), checked in fresh processes."""
+"""The CPU workers' allocator settings (``ray_ft.train.runtime.keep_freed_memory``), checked in fresh processes."""
 
 import os
 import platform
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 PROBE = """
 import ctypes, sys
 import torch
-from ray_ft.train import keep_freed_memory
+from ray_ft.train.runtime import keep_freed_memory
 
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
 

@@ -151,10 +151,10 @@ def test_length_grouped_batches_cover_everything_once():
 
 @pytest.mark.parametrize(("n", "batch_size", "world"), [(9, 2, 2), (5, 2, 1), (7, 3, 2), (3, 2, 2)])
 def test_every_rank_gets_full_micro_batches_covering_the_epoch(n, batch_size, world):
-    from ray_ft.train import _Batches
+    from ray_ft.train.batching import Batches
 
     encoded = [{"input_ids": list(range(3 + 2 * i)), "labels": list(range(3 + 2 * i))} for i in range(n)]
-    ranks = [_Batches(encoded, batch_size, r, world, seed=0, pad_id=0, packed=False) for r in range(world)]
+    ranks = [Batches(encoded, batch_size, r, world, seed=0, pad_id=0, packed=False) for r in range(world)]
     per_epoch = ranks[0].per_epoch
     assert per_epoch == -(-n // (batch_size * world))
     seen: list[int] = []

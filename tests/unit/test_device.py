@@ -259,7 +259,7 @@ def test_fused_loss_inputs_give_the_models_own_loss(tiny_model_dir):
     place of Liger's kernel, which needs CUDA) equals the model's own loss, through a LoRA-wrapped model."""
     from ray_ft.data import collate
     from ray_ft.methods import get_method
-    from ray_ft.train import causal_lm_loss, labelled_hidden_states
+    from ray_ft.train.loss import causal_lm_loss, labelled_hidden_states
 
     cfg = _cfg(tiny_model_dir, "method.r=4")
     model = get_method("lora").load_for_training(cfg, str(tiny_model_dir), torch.device("cpu")).eval()
@@ -300,7 +300,7 @@ def test_generator_and_training_dtype_on_a_real_gpu(tiny_model_dir):
 def test_liger_fused_loss_equals_the_models_loss_on_a_real_gpu(tiny_model_dir):
     from ray_ft.data import collate
     from ray_ft.methods import get_method
-    from ray_ft.train import causal_lm_loss
+    from ray_ft.train.loss import causal_lm_loss
 
     cfg = _cfg(tiny_model_dir, "method.r=4")
     model = get_method("lora").load_for_training(cfg, str(tiny_model_dir), torch.device("cuda")).cuda().eval()

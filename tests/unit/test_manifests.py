@@ -15,7 +15,7 @@ import pytest
 import ray
 import yaml
 
-from ray_ft.cli import _load_extensions, build_parser
+from ray_ft.cli import build_parser
 from ray_ft.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +35,6 @@ def makefile_var(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def parser():
-    _load_extensions()
     return build_parser()
 
 

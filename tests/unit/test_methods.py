@@ -251,6 +251,29 @@ def test_cli_eval_refuses_generation_data_for_a_classifier(tiny_model_dir, tmp_p
     assert {"accuracy", "macro_f1", "confusion_matrix"} <= set(report) and report["n"] == 2
 
 
+def test_cli_classify_prints_a_json_line_per_text_and_refuses_a_generation_model(tiny_model_dir, tmp_path, capsys):
+    from ray_ft.cli import main
+
+    out = _export_probe(tiny_model_dir, tmp_path, "mean")
+    assert main(["classify", str(out), "LoRA là gì?", "xin chào"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in lines] == ["LoRA là gì?", "xin chào"]
+    assert all(r["label"] in {"no", "yes"} for r in lines)
+    merged = write_artifact(tmp_path / "merged", lambda d: None, {"method": "lora", "artifact": "merged"})
+    assert main(["classify", str(merged), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "not a classifier" in err and len(err.strip().splitlines()) == 1
+
+
+def test_hooks_that_do_not_apply_refuse_in_one_line(tmp_path):
+    for name in ("lora", "qlora", "prompt_tuning"):
+        with pytest.raises(ValueError, match="not a classifier"):
+            get_method(name).load_classifier(tmp_path, {})
+    for name in ("lora", "qlora", "linear_probe"):
+        with pytest.raises(ValueError, match="writes no generation export"):
+            get_method(name).load_export(tmp_path, {})
+
+
 # --------------------------------------------------------------------------- QLoRA
 
 
@@ -365,3 +388,24 @@ def test_probe_refuses_a_layer_the_model_does_not_have(tiny_model_dir):
     with pytest.raises(ValueError, match=r"method.layer: 15 is not a layer of .* \(2 decoder layers"):
         check_layer(cfg, str(tiny_model_dir))
     check_layer(_cfg(tiny_model_dir, **{"method.name": "linear_probe", "method.layer": 2}), str(tiny_model_dir))
+
+
+def test_every_method_defines_every_hook_and_its_config_is_in_the_union():
+    from ray_ft.config import METHOD_CONFIGS
+    from ray_ft.methods import TuningMethod
+
+    hooks = [n for n in vars(TuningMethod) if not n.startswith("_")]
+    assert {"load_for_training", "save_trainable", "export", "load_export", "load_classifier"} <= set(hooks)
+    assert {"evaluate_run"} <= set(hooks)
+    for name in method_names():
+        method = get_method(name)
+        assert all(callable(getattr(type(method), hook)) for hook in hooks), name
+        assert {method.artifact, method.task, method.loop} <= {
+            "merged",
+            "export",
+            "generation",
+            "classification",
+            "causal_lm",
+            "probe_head",
+        }
+        assert method.config_cls in METHOD_CONFIGS and method.config_cls.model_fields["name"].default == name

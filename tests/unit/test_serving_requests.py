@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ray_ft.cli import parse_replicas
 from ray_ft.config import ConfigError
 from ray_ft.export import ArtifactError, write_artifact
-from ray_ft.serving import ServeArgs, build_app, parse_replicas, parse_serve_args
+from ray_ft.serving import ServeArgs, build_app, parse_serve_args
 from ray_ft.serving.catalog import resolve_plan
 
 REPO = Path(__file__).resolve().parents[2]

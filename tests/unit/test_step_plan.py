@@ -8,7 +8,7 @@ import pytest
 from conftest import QA_ROWS, write_jsonl
 
 from ray_ft.config import load_config
-from ray_ft.train import fit_batch_to_data, plan_steps
+from ray_ft.train.batching import fit_batch_to_data, plan_steps
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [*QA_ROWS, *({"question": f"Câu hỏi {i}?", "answer": f"Đáp án {i}."} for i in range(8))]
