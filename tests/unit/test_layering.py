@@ -140,6 +140,23 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def _modules_importing(top: str) -> list[str]:
+    return sorted(
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*.py")
+        if any(
+            (isinstance(node, ast.Import) and any(a.name.split(".")[0] == top for a in node.names))
+            or (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == top)
+            for node in ast.walk(ast.parse(path.read_text()))
+        )
+    )
+
+
+def test_only_tracking_imports_mlflow():
+    """Every MLflow call goes through ``ray_ft.tracking`` (runs, resume, child runs, logging, registry)."""
+    assert _modules_importing("mlflow") == ["ray_ft/tracking.py"]
+
+
 def test_only_the_cli_parses_arguments():
     """Every command's arguments are parsed in ``ray_ft.cli``; the modules it calls take typed arguments."""
     users = sorted(
