@@ -47,6 +47,17 @@ def running_replicas(app: str) -> int:
     return int(deployment.replica_states.get("RUNNING", 0))
 
 
+def starting_replicas(app: str) -> int:
+    """Replicas of ``app`` being started (constructor, engine load) or pending a node."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return 0
+    states = status.deployments["ModelServer"].replica_states
+    return int(states.get("STARTING", 0)) + int(states.get("PENDING_ALLOCATION", 0))
+
+
 def replica_pids(state_api: str, app: str) -> dict[str, int]:
     """Alive replica actors of ``app`` -> their process ids (from Ray's state API)."""
     from ray.util.state import list_actors

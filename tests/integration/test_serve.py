@@ -26,6 +26,7 @@ from tests.integration.serving_helpers import (
     free_port,
     replica_pids,
     running_replicas,
+    starting_replicas,
     wait_until,
 )
 
@@ -479,7 +480,9 @@ def test_soak_2000_mixed_valid_invalid_and_slow_requests(url, ray_local):
         return statuses
 
     asyncio.run(soak(100, 16))  # warm-up
-    pids = list(replica_pids(state_api, APP).values())  # the autoscaler may add a replica under the soak
+    # The autoscaler may add a replica under the warm-up: its engine is measured once it has started.
+    wait_until(lambda: starting_replicas(APP) == 0, 600, "replicas started under the warm-up to finish starting")
+    pids = list(replica_pids(state_api, APP).values())
     warm = replica_memory_mb(pids)
     statuses = asyncio.run(soak(2000, 32))
     assert len(statuses) == 2000
