@@ -401,8 +401,12 @@ def replica_memory_mb(pids: list[int]) -> float:
 
     total = 0.0
     for pid in pids:
-        proc = psutil.Process(pid)
-        for p in [proc, *proc.children(recursive=True)]:
+        try:
+            proc = psutil.Process(pid)
+            family = [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:  # a replica the autoscaler stopped in between
+            continue
+        for p in family:
             try:
                 total += p.memory_info().rss / 2**20
             except psutil.NoSuchProcess:
