@@ -14,8 +14,8 @@ import torch
 
 from ray_ft.config import ExperimentConfig, LoraMethodConfig
 from ray_ft.device import select_device
-from ray_ft.evaluate import evaluate_run
-from ray_ft.methods import not_a_classifier, not_an_export, register_method
+from ray_ft.methods import not_an_export, register_method
+from ray_ft.methods.generation import GenerationMethod
 from ray_ft.models import default_lora_targets, load_base_for_training, load_causal_lm, load_tokenizer
 
 
@@ -54,14 +54,12 @@ def merge_adapter(cfg: ExperimentConfig, model_dir: str, adapter_dir: Path, out_
     load_tokenizer(model_dir, cfg.model.trust_remote_code).save_pretrained(out_dir)
 
 
-class LoraMethod:
+class LoraMethod(GenerationMethod):
     """LoRA; :class:`ray_ft.methods.qlora.QLoraMethod` is this method on a 4-bit base."""
 
     name = "lora"
     config_cls = LoraMethodConfig
     artifact = "merged"
-    task = "generation"
-    loop = "causal_lm"
 
     def load_for_training(self, cfg: ExperimentConfig, model_dir: str, device: torch.device):
         from peft import get_peft_model
@@ -77,14 +75,6 @@ class LoraMethod:
 
     def load_export(self, export_dir: Path, meta: dict[str, Any]):
         raise not_an_export(self, export_dir)
-
-    def load_classifier(self, model_dir: Path, meta: dict[str, Any]):
-        raise not_a_classifier(self, model_dir)
-
-    def evaluate_run(
-        self, cfg: ExperimentConfig, model_dir: str, artifact_dir: Path, train: list[dict], val: list[dict]
-    ) -> dict[str, Any]:
-        return evaluate_run(cfg, model_dir, artifact_dir, train, val)
 
 
 register_method(LoraMethod())

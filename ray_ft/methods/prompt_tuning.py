@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from ray_ft.config import ExperimentConfig, PromptTuningMethodConfig
-from ray_ft.evaluate import evaluate_run
-from ray_ft.methods import not_a_classifier, register_method
+from ray_ft.methods import register_method
+from ray_ft.methods.generation import GenerationMethod
 from ray_ft.models import base_model_dir, load_base_for_training, load_causal_lm, load_tokenizer
 
 
@@ -67,12 +67,10 @@ class PromptTunedLM(torch.nn.Module):
         return sequences
 
 
-class PromptTuningMethod:
+class PromptTuningMethod(GenerationMethod):
     name = "prompt_tuning"
     config_cls = PromptTuningMethodConfig
     artifact = "export"
-    task = "generation"
-    loop = "causal_lm"
 
     def peft_config(self, cfg: ExperimentConfig, model_dir: str):
         from peft import PromptTuningConfig, PromptTuningInit, TaskType
@@ -123,14 +121,6 @@ class PromptTuningMethod:
         base = load_causal_lm(base_model_dir(meta), torch.float32)
         peft_model = PeftModel.from_pretrained(base, str(export_dir), is_trainable=False)
         return PromptTunedLM(peft_model).eval(), load_tokenizer(str(export_dir))
-
-    def load_classifier(self, model_dir: Path, meta: dict[str, Any]):
-        raise not_a_classifier(self, model_dir)
-
-    def evaluate_run(
-        self, cfg: ExperimentConfig, model_dir: str, artifact_dir: Path, train: list[dict], val: list[dict]
-    ) -> dict[str, Any]:
-        return evaluate_run(cfg, model_dir, artifact_dir, train, val)
 
 
 register_method(PromptTuningMethod())

@@ -4,7 +4,6 @@ cleanly. Its command-line arguments are parsed in ``ray_ft.cli``."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import threading
@@ -42,11 +41,8 @@ def serve(settings: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> int
     plan = resolve_plan(settings.models, settings.model_names, settings.base_model_name)
     app = build_app(settings, plan)
     check_port_free(host, port)
-    address = os.environ.get("RAY_ADDRESS")
-    logger.info("[ray-ft] starting Ray (%s)", "connecting to " + address if address else "local")
     # The proxy and controller need a share beside the replicas; vLLM's engine runs in processes of its own.
     own_cluster = start_ray(
-        address,
         cpus_needed=settings.max_replicas * settings.num_cpus + 1,
         gpus_needed=settings.max_replicas * settings.num_gpus,
         log_to_driver=False,

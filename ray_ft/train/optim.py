@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
+from transformers import get_scheduler
 
 from ray_ft.config import ExperimentConfig
+
+# ``train.lr_scheduler`` → the name ``transformers.get_scheduler`` knows it by.
+_SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 def deepspeed_config(cfg: ExperimentConfig, world_size: int, bf16: bool) -> dict[str, Any]:
@@ -31,32 +34,21 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, bf16: bool) -> dict
     return {**ds, **cfg.deepspeed.extra}
 
 
-def lr_lambda(cfg: ExperimentConfig, total_steps: int):
-    """The multiplier of ``train.lr`` after each optimizer step (``LambdaLR``).
-
-    A linear warm-up over ``train.warmup_ratio`` of the steps that starts at ``1 / (warmup + 1)`` (the first step
-    already learns), then ``cosine`` down to a tenth of ``train.lr``, ``linear`` down to zero, or ``constant``.
-    Kept by hand: ``transformers.get_scheduler``'s warm-ups start at zero and its ``cosine_with_min_lr`` counts
-    progress one step ahead, so it would change every run's learning rates (``tests/unit/test_golden_loss.py``).
-    """
-    warmup = int(total_steps * cfg.train.warmup_ratio)
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.train.lr_scheduler == "cosine":
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.train.lr_scheduler == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-
-    return fn
-
-
 def adamw_with_schedule(
     cfg: ExperimentConfig, params: list[torch.nn.Parameter], total_steps: int, fused: bool = False
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over ``params`` (``train.lr``, ``train.weight_decay``) and its schedule (:func:`lr_lambda`)."""
+    """AdamW over ``params`` (``train.lr``, ``train.weight_decay``) and its learning-rate schedule.
+
+    The schedule is ``transformers.get_scheduler``'s, as the Hugging Face ``Trainer`` builds it: a linear warm-up
+    over ``train.warmup_ratio`` of the steps (from zero), then ``cosine`` down to a tenth of ``train.lr``,
+    ``linear`` down to zero, or ``constant``.
+    """
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused or None)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    scheduler = get_scheduler(
+        _SCHEDULES[cfg.train.lr_scheduler],
+        optimizer,
+        num_warmup_steps=int(total_steps * cfg.train.warmup_ratio),
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs={"min_lr_rate": 0.1} if cfg.train.lr_scheduler == "cosine" else None,
+    )
+    return optimizer, scheduler

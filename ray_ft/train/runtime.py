@@ -12,6 +12,8 @@ import torch
 
 from ray_ft.config import ExperimentConfig
 
+logger = logging.getLogger(__name__)
+
 GLIBC_MALLOPT = {"M_TRIM_THRESHOLD": (-1, 2**31 - 1), "M_TOP_PAD": (-2, 1 << 28), "M_MMAP_THRESHOLD": (-3, 1 << 25)}
 """glibc ``mallopt`` settings for CPU training: (parameter number, C ``int`` value)."""
 
@@ -32,10 +34,12 @@ def start_ray(
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        logger.info("[ray-ft] connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=log_to_driver)
         return False
     gpus = {"num_gpus": math.ceil(gpus_needed)} if gpus_needed else {}
     cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
+    logger.info("[ray-ft] starting a local Ray (%d logical CPUs%s)", cpus, f", {gpus['num_gpus']} GPUs" if gpus else "")
     ray.init(address="local", num_cpus=cpus, log_to_driver=log_to_driver, **gpus)
     return True
 

@@ -8,6 +8,7 @@ probe's head loop is pinned the same way on fixed random features.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,26 @@ def test_a_local_run_leaves_no_rank_variables_behind():
 
         assert dist.get_world_size() == 1 and os.environ["LOCAL_RANK"] == "0"
     assert {k: os.environ.get(k) for k in before} == before
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedule_is_transformers_with_its_warm_up(tmp_path, kind):
+    """With a warm-up, the rates are the Hugging Face ``Trainer``'s: from zero up to ``train.lr``, then down."""
+    import torch
+
+    from ray_ft.train.optim import adamw_with_schedule
+
+    cfg = load_config(
+        REPO / "jobs/lora.yaml",
+        [f"data.path={tmp_path / 'x.jsonl'}", "train.lr=1.0", "train.warmup_ratio=0.1", f"train.lr_scheduler={kind}"],
+    )
+    optimizer, scheduler = adamw_with_schedule(cfg, [torch.nn.Parameter(torch.zeros(1))], total_steps=40)
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    final = {"cosine": 0.1, "linear": 1 / 36, "constant": 1.0}[kind]
+    assert lrs[-1] == pytest.approx(final, rel=0.05)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
