@@ -45,7 +45,7 @@ def test_a_prompt_tuning_export_serves_completions_chat_and_streams(tiny_model_d
     from ray_ft.job import run_training
 
     out = tmp_path / "soft-prompt"
-    extra = {"train.max_steps": 2, "method.num_virtual_tokens": 4, "eval.enabled": "false"}
+    extra = {"train.max_steps": 2, "method.num_virtual_tokens": 4, "eval.enabled": "false", "scaling.num_workers": 0}
     overrides = tiny_overrides(tiny_model_dir, qa_file, out, tmp_path / "mlflow", **extra)
     run_training(load_config(REPO / "jobs/prompt_tuning.yaml", overrides))
     url = deploy([out], "pt", serve_port)
