@@ -7,7 +7,14 @@ For each size (default 10k, 100k and 1M rows, about 316 bytes a row as JSON Line
   only the split hashes; a process per CPU over 8 MiB pieces of the file), without the CLI's own imports;
 - ``in-memory``: ``ray_ft.data.read_data`` (every record held, the small-data training path), with ``--in-memory``;
 - ``parquet``: ``check_data`` on the same rows as Parquet (one file, read in one process), with ``--parquet``;
-- ``tokenise``: ``encode_generation`` on the first 20k rows with ``--tokenizer DIR`` (examples/s, one process).
+- ``tokenise``: ``encode_generation`` on the first 20k rows with ``--tokenizer DIR`` (examples/s, one process);
+- ``first step``: ``ray-ft train jobs/lora.yaml data.path=SET train.max_steps=2`` (the embedded model, a local
+  Ray, the reading path ray-ft picks for the size) from its start to the line of its first optimizer step, with
+  the driver's peak RSS up to then (``VmHWM``) and the Ray Train worker's (its ``peak_mem_mb`` at step 1).
+  ``--no-train`` leaves it out.
+
+The last line is ``check_rss_mb_1m=<a> first_step_s_1m_over_10k=<b>``: the check's peak RSS on the 1M set, and
+its time to the first step over the 10k set's (``nan`` where a size was not run).
 
 Run: ``python bench/data_scale.py [--sizes 10000,100000,1000000] [--in-memory] [--parquet] [--tokenizer DIR]``.
 """
@@ -21,7 +28,10 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 WORDS = [
     "mô",
@@ -90,6 +100,62 @@ def measure(body: str, setup: str = "from ray_ft.data import check_data, read_da
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _child(code: str) -> str:
+    """Run ``code`` in a fresh Python and return its stdout.
+
+    Heavy imports stay out of this process: a process's peak RSS survives fork and exec, so every measured child
+    would otherwise start from this one's."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """``VmHWM`` of a live process (its own peak RSS), in MB; 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    line = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), "VmHWM: 0 kB")
+    return int(line.split()[1]) / 1024
+
+
+def first_step(path: Path, work: Path) -> dict[str, float | str]:
+    """Train two steps on ``path``; seconds to the first step's line, driver and worker peak RSS, reading path."""
+    out = work / f"run-{path.stem}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray_ft.cli",
+        "train",
+        str(REPO / "jobs/lora.yaml"),
+        f"data.path={path}",
+        f"output_dir={out}",
+        f"tracking.mlflow_dir={work / 'mlflow'}",
+        "train.max_steps=2",
+        "eval.enabled=false",
+        "tracking.registered_model=null",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    seconds, driver_mb, reading, tail = float("nan"), 0.0, "?", []
+    for line in proc.stdout:
+        tail = [*tail[-30:], line]
+        driver_mb = max(driver_mb, _peak_rss_mb(proc.pid))
+        if "[ray-ft] data " in line and (" streamed " in line or " in memory" in line):
+            reading = "streamed" if " streamed " in line else "in memory"
+        if "step 1/" in line and seconds != seconds:
+            seconds = time.perf_counter() - t0
+            print(f"# {path.name}: first step after {seconds:.1f}s ({reading})", flush=True)
+    if proc.wait() != 0:
+        raise SystemExit(f"training on {path} failed:\n" + "".join(tail))
+    peak = _child(
+        "from ray_ft.tracking import RunRef, metric_history\n"
+        f"print(metric_history(RunRef.load({str(out / 'run.json')!r}), 'peak_mem_mb').get(1, float('nan')))"
+    )
+    worker_mb = float(peak.strip().splitlines()[-1])
+    return {"s": seconds, "driver_mb": driver_mb, "worker_mb": worker_mb, "reading": reading}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="10000,100000,1000000")
@@ -97,7 +163,15 @@ def main() -> None:
     p.add_argument("--in-memory", action="store_true", help="also time read_data, which holds every record")
     p.add_argument("--parquet", action="store_true", help="also check the same rows as Parquet")
     p.add_argument("--tokenizer", default=None, help="a model directory whose tokenizer to time")
+    p.add_argument("--no-train", action="store_true", help="leave out the time to the first training step")
     args = p.parse_args()
+    check_rss: dict[int, float] = {}
+    starts: dict[int, float] = {}
+    if not args.no_train:
+        # The embedded model's one-time conversion is not part of any size's start-up. It runs in a child: a
+        # process's peak RSS survives fork and exec, so this one stays small for the measured children.
+        _child("from ray_ft.config import ModelConfig\nfrom ray_ft.models import resolve_model_dir\n"
+               "resolve_model_dir(ModelConfig())")  # fmt: skip
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ray-ft-data-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"# machine: {os.cpu_count()} CPUs; data under {work}")
@@ -115,15 +189,25 @@ def main() -> None:
         if args.parquet:
             pq_path = path.with_suffix(".parquet")
             if not pq_path.is_file():
-                import pyarrow.json as pj
-                import pyarrow.parquet as pq
-
-                pq.write_table(pj.read_json(path), pq_path)
+                _child(
+                    "import pyarrow.json as pj, pyarrow.parquet as pq\n"
+                    f"pq.write_table(pj.read_json({str(path)!r}), {str(pq_path)!r})"
+                )
             steps["parquet"] = f"check_data({str(pq_path)!r})"
         for name, body in steps.items():
             r = measure(body)
             print(
                 f"{rows:>9} {mb:>7.1f} {name:>10} {r['s']:>8.2f} {rows / r['s']:>9.0f} {r['rss_mb']:>12.0f}", flush=True
+            )
+            if name == "check":
+                check_rss[rows] = r["rss_mb"]
+        if not args.no_train:
+            r = first_step(path, work)
+            starts[rows] = r["s"]
+            print(
+                f"{rows:>9} {mb:>7.1f} {'first step':>10} {r['s']:>8.2f} {'':>9} {r['driver_mb']:>12.0f}"
+                f"  worker {r['worker_mb']:.0f} MB, {r['reading']}",
+                flush=True,
             )
     if args.tokenizer:
         path = work / "qa-tokenise.jsonl"
@@ -139,6 +223,9 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         tok_s = json.loads(out.strip().splitlines()[-2])["tok_s"]
         print(f"# tokenise (encode_generation, one process): {20_000 / tok_s:.0f} examples/s")
+    nan = float("nan")
+    ratio = starts.get(1_000_000, nan) / starts.get(10_000, nan)
+    print(f"check_rss_mb_1m={check_rss.get(1_000_000, nan):.0f} first_step_s_1m_over_10k={ratio:.2f}")
 
 
 if __name__ == "__main__":

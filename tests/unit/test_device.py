@@ -166,6 +166,44 @@ def test_training_worker_placement_keeps_rays_device(fake_cuda):
     assert placement == Placement(torch.device("cuda", 3), torch.bfloat16)
 
 
+def test_training_worker_takes_rays_gpu_on_faked_cuda(fake_cuda, monkeypatch):
+    """The causal-LM recipe's device is the GPU Ray Train assigned, in the training dtype; no CPU thread cap."""
+    import ray.train.torch
+
+    from ray_ft.train.loop import CausalLMRecipe
+
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda", 1))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("a GPU worker must not cap CPU threads"))
+    recipe = CausalLMRecipe.__new__(CausalLMRecipe)  # only the device step: no Ray Train context needed
+    recipe.cfg = load_config(None, ["scaling.use_gpu=true"])
+    recipe._setup_device()
+    assert (recipe.device, recipe.use_gpu) == (torch.device("cuda", 1), True)
+
+
+def test_transformers_serving_engine_asks_for_the_gpu_only_with_one(tiny_model_dir, meta_for_cuda):
+    """A replica with ``num_gpus`` loads its model on the accelerator (``meta`` standing in for CUDA); one
+    without stays on the CPU although the machine has a GPU."""
+    from ray_ft.serving.args import ServeArgs
+    from ray_ft.serving.catalog import resolve_plan
+    from ray_ft.serving.transformers_engine import TransformersEngine
+
+    plan = resolve_plan([str(tiny_model_dir)])
+    on_gpu = TransformersEngine(plan, ServeArgs(models=[str(tiny_model_dir)], num_gpus=1))
+    assert on_gpu.generator.device.type == "meta"
+    on_cpu = TransformersEngine(plan, ServeArgs(models=[str(tiny_model_dir)]))
+    assert on_cpu.generator.device.type == "cpu"
+
+
+def test_deepspeed_gets_torch_adamw_fused_on_gpu_and_builds_no_optimizer_of_its_own(tiny_model_dir):
+    """DeepSpeed is handed torch's AdamW (fused on CUDA), so it never JIT-builds its own Adam op."""
+    from ray_ft.train.optim import adamw_with_schedule, deepspeed_config
+
+    cfg = _cfg(tiny_model_dir, "deepspeed.zero_stage=2")
+    assert "optimizer" not in deepspeed_config(cfg, world_size=2, bf16=True)
+    optimizer, _ = adamw_with_schedule(cfg, [torch.nn.Parameter(torch.zeros(2))], total_steps=4, fused=True)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+
+
 # --------------------------------------------------------------------------- kernel options
 
 
