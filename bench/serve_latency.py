@@ -15,6 +15,10 @@ tokens/s and TTFT p50/p95. The last line is machine-readable:
 
     tokens_per_s_c16=<vLLM tok/s at 16> scaling_c16_vs_c1=<vLLM 16 / vLLM 1> vs_transformers_c16=<vLLM / HF at 16>
 
+``--slow-clients N`` also measures ray-ft's endpoint (its default replica settings) under N clients that each send
+a request body one byte every 3 s, reconnecting when cut off: the median latency of a normal request while they
+are connected over its median unloaded, in one run. It adds ``latency_ratio_under_slow_clients=<x>`` to the line.
+
     .venv/bin/python bench/serve_latency.py                                  # the embedded SmolLM2-135M
     .venv/bin/python bench/serve_latency.py --model-dir outputs/demo/merged --concurrency 1,16
 """
@@ -84,6 +88,68 @@ async def vllm_round(url: str, concurrency: int, requests: int, max_tokens: int)
             "errors": errors}  # fmt: skip
 
 
+SLOW_BODY_BYTES = 2048
+"""What a slow client announces as its ``Content-Length``; it never sends that much."""
+
+
+async def slow_client(host: str, port: int, stop: asyncio.Event, cut: list[int]) -> None:
+    """Send a completion request's headers, then its body a byte every 3 s, until ``stop``; reconnect when the
+    server closes the connection (``cut`` counts those)."""
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {SLOW_BODY_BYTES}\r\n\r\n"
+    ).encode()
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.5)
+            continue
+        try:
+            writer.write(head)
+            await writer.drain()
+            while not stop.is_set():
+                writer.write(b" ")
+                await writer.drain()
+                try:
+                    if await asyncio.wait_for(reader.read(1), timeout=3.0) == b"":
+                        break
+                    cut[0] += 1  # the server answered (408) before the body was complete
+                    break
+                except TimeoutError:
+                    continue
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+async def normal_latencies(url: str, n: int) -> list[float]:
+    """Seconds for each of ``n`` sequential 8-token completions."""
+    out = []
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0)) as client:
+        for prompt in prompts(n):
+            start = time.perf_counter()
+            response = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0})
+            response.raise_for_status()
+            out.append(time.perf_counter() - start)
+    return out
+
+
+async def slow_clients_ratio(url: str, host: str, port: int, clients: int, requests: int = 8) -> dict[str, float]:
+    """Median latency of a normal request with ``clients`` slow clients connected, over its median without."""
+    unloaded = statistics.median(await normal_latencies(url, requests))
+    stop, cut = asyncio.Event(), [0]
+    tasks = [asyncio.create_task(slow_client(host, port, stop, cut)) for _ in range(clients)]
+    await asyncio.sleep(5)  # every slow client connected and trickling
+    loaded = statistics.median(await normal_latencies(url, requests))
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    after = statistics.median(await normal_latencies(url, requests))
+    return {"unloaded_s": unloaded, "loaded_s": loaded, "after_s": after, "ratio": loaded / unloaded,
+            "slow_cut": cut[0]}  # fmt: skip
+
+
 def transformers_round(model, tokenizer, concurrency: int, requests: int, max_tokens: int) -> dict[str, float]:
     import torch
 
@@ -151,6 +217,7 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--vllm-server", action="store_true", help="also measure vLLM's own OpenAI server")
     parser.add_argument("--vllm-dtype", default="auto", help="vLLM's dtype (auto: as ray_ft.device.select_device)")
+    parser.add_argument("--slow-clients", type=int, default=0, help="also measure latency under N slow clients")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -195,6 +262,22 @@ def main() -> None:
     for c in levels:
         results[("vllm", c)] = asyncio.run(vllm_round(url, c, c * args.rounds, args.max_tokens))
         print(f"vllm c={c}: {results[('vllm', c)]}", flush=True)
+    serve.delete("bench")
+    slow = None
+    if args.slow_clients:
+        # ray-ft's own replica defaults (max_ongoing_requests, body_timeout_s): what a deployment gets.
+        defaults = {k: v for k, v in settings.items() if k not in ("max_ongoing_requests", "engine")}
+        serve.run(build_app({**defaults, "engine": {"dtype": args.vllm_dtype}}), name="slow", route_prefix="/",
+                  blocking=False)  # fmt: skip
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(2)
+        slow = asyncio.run(slow_clients_ratio(url, "127.0.0.1", port, args.slow_clients))
+        print(f"slow clients ({args.slow_clients}): {slow}", flush=True)
     serve.shutdown()
     ray.shutdown()
 
@@ -227,6 +310,10 @@ def main() -> None:
     line = f"tokens_per_s_c{ref}={x:.1f} scaling_c{ref}_vs_c{levels[0]}={y:.2f} vs_transformers_c{ref}={z:.2f}"
     if ("vllm-server", ref) in results:
         line += f" vs_vllm_server_c{ref}={x / results[('vllm-server', ref)]['tokens_per_s']:.2f}"
+    if slow is not None:
+        print(f"\nnormal request, median of 8: {slow['unloaded_s']:.2f}s alone, {slow['loaded_s']:.2f}s with "
+              f"{args.slow_clients} slow clients, {slow['after_s']:.2f}s after them")  # fmt: skip
+        line += f" latency_ratio_under_slow_clients={slow['ratio']:.2f}"
     print(line)
 
 

@@ -54,7 +54,7 @@ from ray_ft.sources import (
     resolve_sources,
     split_source,
 )
-from ray_ft.text import MAX_NESTING, find_invalid_text, too_deep_at
+from ray_ft.text import find_invalid_text, parse_json
 
 MAX_REPORTED_ERRORS = 50
 MAX_LINE_BYTES = 16 << 20
@@ -193,49 +193,6 @@ def _check_conversations(turns: Any, where: str) -> list[str]:
     return errors
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(key)
-        obj[key] = value
-    return obj
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def parse_json_line(text: str) -> tuple[Any, str | None]:
-    """Parse one JSON line; return ``(value, None)`` or ``(None, "field: problem")``.
-
-    Beyond invalid JSON this refuses what ``json.loads`` accepts but later steps cannot use: nesting deeper than
-    :data:`ray_ft.text.MAX_NESTING` (checked on the text first, since the parser recurses per level), duplicated
-    keys (the last would silently win), ``NaN``/``Infinity``, integers too long to convert, and strings that are
-    not valid Unicode text (lone surrogates from ``\\ud800`` escapes, NUL).
-    """
-    deep = too_deep_at(text)
-    if deep is not None:
-        return None, f"invalid JSON: nested more than {MAX_NESTING} levels deep (column {deep + 1})"
-    try:
-        obj = json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as e:
-        return None, f"invalid JSON: {e.msg} (column {e.colno})"
-    except _DuplicateKey as e:
-        key = e.args[0]
-        return None, f"{key if key.isidentifier() else repr(key)}: duplicated key"
-    except (ValueError, RecursionError) as e:  # over-long integers, NaN/Infinity, deep nesting the scan missed
-        return None, f"invalid JSON: {str(e).split(':')[0] or type(e).__name__}"
-    problem = find_invalid_text(obj)
-    if problem:
-        return None, problem if isinstance(obj, dict | list) else f"<root>: {problem}"
-    return obj, None
-
-
 def _jsonl_rows(source: Source) -> Iterator[tuple[int, Any, str | None]]:
     """``(line number, parsed value, problem or None)`` for every non-blank line of a JSON Lines file (or of the
     lines starting in its piece ``[source.start, source.end)``)."""
@@ -261,7 +218,7 @@ def _jsonl_rows(source: Source) -> Iterator[tuple[int, Any, str | None]]:
                 text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
             if not text.strip():
                 continue
-            obj, problem = parse_json_line(text)
+            obj, problem = parse_json(text)
             yield lineno, obj, problem
 
 

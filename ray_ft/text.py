@@ -14,6 +14,7 @@ This module imports nothing from ``ray_ft``: it sits below ``ray_ft.config``, so
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 MAX_NESTING = 64
@@ -174,3 +175,46 @@ def too_deep_at(text: str, limit: int = MAX_NESTING) -> int | None:
         elif ch in "]}":
             depth -= 1
     return None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(text: str) -> tuple[Any, str | None]:
+    """Parse one JSON document (a data line, a request body); return ``(value, None)`` or ``(None, "field: problem")``.
+
+    Beyond invalid JSON this refuses what ``json.loads`` accepts but later steps cannot use: nesting deeper than
+    :data:`MAX_NESTING` (checked on the text first, since the parser recurses per level), duplicated keys (the
+    last would silently win), ``NaN``/``Infinity``, integers too long to convert, and strings that are not valid
+    Unicode text (lone surrogates from ``\\ud800`` escapes, NUL).
+    """
+    deep = too_deep_at(text)
+    if deep is not None:
+        return None, f"invalid JSON: nested more than {MAX_NESTING} levels deep (column {deep + 1})"
+    try:
+        obj = json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON: {e.msg} (column {e.colno})"
+    except _DuplicateKey as e:
+        key = e.args[0]
+        return None, f"{key if key.isidentifier() else repr(key)}: duplicated key"
+    except (ValueError, RecursionError) as e:  # over-long integers, NaN/Infinity, deep nesting the scan missed
+        return None, f"invalid JSON: {str(e).split(':')[0] or type(e).__name__}"
+    problem = find_invalid_text(obj)
+    if problem:
+        return None, problem if isinstance(obj, dict | list) else f"<root>: {problem}"
+    return obj, None

@@ -24,6 +24,7 @@ from ray_ft.serving.args import ServeArgs
 from ray_ft.serving.catalog import ServedModel, ServingPlan
 from ray_ft.serving.errors import ApiError, install_handlers
 from ray_ft.serving.gate import RequestGate
+from ray_ft.text import parse_json
 
 logger = logging.getLogger("ray.serve")
 
@@ -203,8 +204,15 @@ async def _vllm_client_error(request, exc):
 
 
 async def _sent_fields(raw_request) -> set[str]:
-    """The top-level fields of the request's JSON body (already read and parsed once; Starlette keeps it)."""
-    body = await raw_request.json()
+    """The top-level fields of the request's JSON body, parsed again strictly (:func:`ray_ft.text.parse_json`).
+
+    FastAPI's parse takes the last of duplicated keys and accepts ``NaN``/``Infinity``; data files and configs
+    refuse both, and so does a request: 400 naming the field. The body is already read (Starlette keeps it).
+    """
+    body, problem = parse_json((await raw_request.body()).decode("utf-8", errors="replace"))
+    if problem:
+        field = problem.split(":", 1)[0]
+        raise ApiError(400, problem, param=None if field in ("invalid JSON", "<root>") else field)
     return set(body) if isinstance(body, dict) else set()
 
 

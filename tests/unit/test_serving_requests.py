@@ -308,3 +308,31 @@ def test_errors_inside_vllms_request_validators_are_400_not_500():
     good = asyncio.run(send([{"role": "user", "content": "hi"}]))
     assert good.status_code == 200, good.text
     assert asyncio.run(send([{"role": "user", "content": "boom"}])).status_code == 500  # still the server's
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "words"),
+    [
+        (b'{"prompt": "a", "prompt": "b"}', "prompt", "duplicated key"),
+        (b'{"prompt": "a", "temperature": NaN}', None, "NaN is not a JSON number"),
+        (b'{"prompt": "a", "top_p": -Infinity}', None, "-Infinity is not a JSON number"),
+        (b'{"prompt": "a", "user": ' + b"[" * 100 + b"]" * 100 + b"}", None, "nested more than 64 levels"),
+    ],
+)
+def test_request_bodies_are_parsed_strictly_like_data_and_configs(raw, param, words):
+    """What FastAPI's parse lets through (the last duplicated key wins, NaN, deep nesting) is a 400 naming it."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from ray_ft.serving.api import _sent_fields
+    from ray_ft.serving.errors import ApiError
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive)
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(_sent_fields(request))
+    assert (refused.value.status, refused.value.param) == (400, param)
+    assert words in refused.value.message
