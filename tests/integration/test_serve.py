@@ -445,6 +445,10 @@ async def trickle(host: str, port: int, seconds: float) -> bytes:
     return answer
 
 
+SOAK_LIMIT_S = 1200
+"""The most the 2,000 soak requests may take together (about 3 minutes on 2 CPU cores)."""
+
+
 def test_soak_2000_mixed_valid_invalid_and_slow_requests(url, ray_local):
     """Zero 5xx, replica memory back within 20% of its warmed-up level, normal answers once slow clients leave."""
     import random
@@ -492,7 +496,8 @@ def test_soak_2000_mixed_valid_invalid_and_slow_requests(url, ray_local):
     wait_until(lambda: starting_replicas(APP) == 0, 600, "replicas started under the warm-up to finish starting")
     pids = list(replica_pids(state_api, APP).values())
     warm = replica_memory_mb(pids)
-    statuses = asyncio.run(soak(2000, 32))
+    # Bounded: a server that stalls under the mix fails here (TimeoutError) instead of hanging the run.
+    statuses = asyncio.run(asyncio.wait_for(soak(2000, 32), timeout=SOAK_LIMIT_S))
     assert len(statuses) == 2000
     assert not [s for s in statuses if s >= 500 or s == 0], sorted(set(statuses))
     assert statuses.count(408) >= 50, "slow clients were not cut off"
