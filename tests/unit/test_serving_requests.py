@@ -336,3 +336,32 @@ def test_request_bodies_are_parsed_strictly_like_data_and_configs(raw, param, wo
         asyncio.run(_sent_fields(request))
     assert (refused.value.status, refused.value.param) == (400, param)
     assert words in refused.value.message
+
+
+def test_a_request_past_its_deadline_is_504_and_the_queue_is_bounded(merged_artifact):
+    """``request_timeout_s`` cuts a non-streaming request with 504 (its task is cancelled); the deployment bounds
+    both the requests a replica holds and those Serve queues for it (past ``max_queued_requests``: 503)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray_ft.serving.api import ModelServer
+    from ray_ft.serving.app import build_app
+    from ray_ft.serving.errors import ApiError
+
+    cancelled = []
+
+    async def slow_generation():
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    server = SimpleNamespace(args=SimpleNamespace(request_timeout_s=0.05))
+    with pytest.raises(ApiError) as late:
+        asyncio.run(ModelServer._deadline(server, slow_generation()))
+    assert (late.value.status, late.value.code) == (504, "timeout") and cancelled == [True]
+
+    app = build_app({"models": [str(merged_artifact)], "max_ongoing_requests": 8, "max_queued_requests": 16})
+    config = app._bound_deployment._deployment_config
+    assert (config.max_ongoing_requests, config.max_queued_requests) == (8, 16)
