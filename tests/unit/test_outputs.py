@@ -123,3 +123,20 @@ def test_cli_train_refuses_a_foreign_dir(tmp_path, capsys):
     assert main(["train", "jobs/lora.yaml", f"output_dir={tmp_path}"]) == 2
     assert "not empty and not written by ray-ft" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv"]
+
+
+@pytest.mark.parametrize("command", ["tune", "compare"])
+def test_tune_and_compare_refuse_unsafe_output_dirs_like_train(command, tmp_path, capsys):
+    """The one output-path policy guards every command that writes a directory: one line, exit 2, nothing written."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    for output_dir, words in [("/", "output_dir /"), (str(foreign), "not empty and not written by ray-ft")]:
+        if command == "tune":
+            argv = ["tune", "jobs/tune_lora.yaml", f"output_dir={output_dir}"]
+        else:
+            argv = ["compare", "--methods", "lora", "--output-dir", output_dir]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
