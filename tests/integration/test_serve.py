@@ -348,7 +348,8 @@ def in_flight(url: str) -> int:
 
 
 def test_abandoned_requests_stop_generating(url):
-    """Clients that hang up (streaming or not) free the engine: nothing keeps generating for them."""
+    """Clients that hang up (streaming or not, 50 of them right after the response headers) free the engine:
+    nothing keeps generating for them, and the next request is answered."""
     body = {"model": "tiny-base", "prompt": "Human: tell a long story Assistant:", "max_tokens": 200,
             "min_tokens": 200, "temperature": 0.9}  # fmt: skip
 
@@ -365,7 +366,12 @@ def test_abandoned_requests_stop_generating(url):
                 with pytest.raises(httpx.TimeoutException):
                     await client.post("/v1/completions", json=body)
 
+            async def headers_only() -> None:
+                async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+                    assert response.status_code == 200  # hang up once the headers are in, before any event
+
             await asyncio.gather(*(streaming() for _ in range(6)), *(blocking() for _ in range(4)))
+            await asyncio.gather(*(headers_only() for _ in range(50)))
 
     asyncio.run(abandon())
     wait_until(lambda: in_flight(url) == 0, 60, "the engine to drop abandoned requests")
