@@ -366,11 +366,14 @@ def test_abandoned_requests_stop_generating(url):
                 with pytest.raises(httpx.TimeoutException):
                     await client.post("/v1/completions", json=body)
 
+            await asyncio.gather(*(streaming() for _ in range(6)), *(blocking() for _ in range(4)))
+
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=httpx.Timeout(60.0)) as client:
+
             async def headers_only() -> None:
                 async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
                     assert response.status_code == 200  # hang up once the headers are in, before any event
 
-            await asyncio.gather(*(streaming() for _ in range(6)), *(blocking() for _ in range(4)))
             await asyncio.gather(*(headers_only() for _ in range(50)))
 
     asyncio.run(abandon())
