@@ -10,7 +10,7 @@ import pytest
 
 from ray_ft.export import write_artifact
 from tests.conftest import REPO, tiny_overrides
-from tests.integration.serving_helpers import assert_openai_error, free_port, wait_until
+from tests.integration.serving_helpers import assert_openai_error, free_port, fuzz_openapi, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +127,8 @@ def test_a_linear_probe_classifies(tiny_model_dir, tmp_path, serve_port):
 
 
 def test_cli_serves_until_sigterm_and_exits_zero(tiny_model_dir, tmp_path):
-    """``ray-ft serve`` in its own process (its own local Ray): answers, then stops cleanly on SIGTERM."""
+    """``ray-ft serve`` in its own process (its own local Ray): answers, survives schema fuzzing, then stops
+    cleanly on SIGTERM."""
     import os
     import signal
     import subprocess
@@ -157,6 +158,9 @@ def test_cli_serves_until_sigterm_and_exits_zero(tiny_model_dir, tmp_path):
             assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
             models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer from-env"}, timeout=10).json()
             assert models["data"][0]["id"] == "cli-model"
+            # The launched command's own endpoint, fuzzed from its schema: no 5xx, every response conforms.
+            report = fuzz_openapi(url, "from-env", tmp_path, max_examples=15)
+            assert "/v1/classify" in report
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=120) == 0
         finally:
