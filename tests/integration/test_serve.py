@@ -8,6 +8,7 @@ and down and kill its replica. Engine start-up dominates on CPU, so the whole mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -353,7 +354,7 @@ def test_abandoned_requests_stop_generating(url):
             "min_tokens": 200, "temperature": 0.9}  # fmt: skip
 
     async def abandon() -> None:
-        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=httpx.Timeout(1.0)) as client:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=httpx.Timeout(0.5)) as client:
 
             async def streaming() -> None:
                 async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
@@ -362,7 +363,8 @@ def test_abandoned_requests_stop_generating(url):
                         break  # hang up after the first event
 
             async def blocking() -> None:
-                with pytest.raises(httpx.TimeoutException):
+                # Hangs up mid-generation (an engine fast enough to finish first is no failure).
+                with contextlib.suppress(httpx.TimeoutException):
                     await client.post("/v1/completions", json=body)
 
             await asyncio.gather(*(streaming() for _ in range(6)), *(blocking() for _ in range(4)))
