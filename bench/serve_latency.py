@@ -31,6 +31,7 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import time
 
 import httpx
@@ -40,6 +41,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, server: subprocess.Popen | None = None, timeout_s: float | None = None) -> None:
+    """Poll ``url``'s ``/health`` until it answers 200 (the engine has started).
+
+    With ``server``, stop if that process exits first; with ``timeout_s``, stop after that long."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        if server is not None and server.poll() is not None:
+            raise SystemExit(f"the server exited with {server.returncode}: {' '.join(server.args)}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if deadline is not None and time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not answer /health within {timeout_s:.0f} s")
+        time.sleep(2)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -174,7 +193,6 @@ def transformers_round(model, tokenizer, concurrency: int, requests: int, max_to
 
 def vllm_server_rounds(model_dir: str, dtype: str, on_gpu: bool, levels: list[int], args) -> dict[int, dict]:
     """The same rounds against vLLM's own OpenAI server in a subprocess (the same engine settings as the replica)."""
-    import subprocess
     import sys
 
     from ray_ft.serving.vllm_engine import CPU_KV_CACHE_GIB
@@ -188,18 +206,7 @@ def vllm_server_rounds(model_dir: str, dtype: str, on_gpu: bool, levels: list[in
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"vLLM's server exited with {server.returncode}: {' '.join(cmd)}")
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("vLLM's server did not start within 600 s")
-            time.sleep(2)
+        wait_healthy(url, server, timeout_s=600)
         asyncio.run(vllm_round(url, 2, 2, 8))  # warm-up
         return {c: asyncio.run(vllm_round(url, c, c * args.rounds, args.max_tokens)) for c in levels}
     finally:
@@ -250,13 +257,7 @@ def main() -> None:
     started = time.perf_counter()
     serve.run(build_app(settings), name="bench", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(2)
+    wait_healthy(url)
     print(f"vLLM endpoint up in {time.perf_counter() - started:.0f}s", flush=True)
     asyncio.run(vllm_round(url, 2, 2, 8))  # warm-up
     for c in levels:
@@ -269,13 +270,7 @@ def main() -> None:
         defaults = {k: v for k, v in settings.items() if k not in ("max_ongoing_requests", "engine")}
         serve.run(build_app({**defaults, "engine": {"dtype": args.vllm_dtype}}), name="slow", route_prefix="/",
                   blocking=False)  # fmt: skip
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(2)
+        wait_healthy(url)
         slow = asyncio.run(slow_clients_ratio(url, "127.0.0.1", port, args.slow_clients))
         print(f"slow clients ({args.slow_clients}): {slow}", flush=True)
     serve.shutdown()
