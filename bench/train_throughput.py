@@ -153,9 +153,10 @@ def run_hf(model_dir: str, data: str, steps: int, gpu: bool, workers: int, extra
     from peft import get_peft_model
 
     from ray_ft.config import load_config
-    from ray_ft.data import PromptFormat, collate, encode_generation, read_jsonl
+    from ray_ft.data import PromptFormat, encode_generation, read_jsonl
     from ray_ft.methods.lora import lora_config
     from ray_ft.models import load_base_for_training, load_tokenizer
+    from ray_ft.tensors import collate
     from ray_ft.train.batching import Batches
 
     cfg = load_config(REPO / "jobs/lora.yaml", [f"model.name_or_path={model_dir}", f"data.path={data}", *extra])

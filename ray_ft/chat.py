@@ -33,8 +33,12 @@ TURN_SEPARATOR = "\n"
 """Text between one completed turn's EOS and the next turn (plain template)."""
 SYSTEM_SEPARATOR = "\n"
 """Text after the system message (plain template)."""
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+"""ShareGPT ``from`` values: the original ``human``/``gpt``/``system``, and the ``user``/``assistant`` that many
+exports write instead."""
 TRAIN_ON = ("all_assistant", "last_assistant")
+CONVERSATION_FORMATS = ("chat", "sharegpt", "alpaca")
+"""Record formats rendered with the model's chat template when ``data.use_chat_template`` is unset."""
 IGNORE_INDEX = -100
 
 
@@ -88,6 +92,25 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def choose_chat_template(setting: bool | None, record_format: str, tokenizer) -> tuple[bool, str]:
+    """Whether to render with the tokenizer's chat template (``data.use_chat_template``, ``None`` meaning auto: see
+    :data:`CONVERSATION_FORMATS`), and why, for the run's log.
+
+    Raises:
+        ConversationError: it is asked for and the tokenizer has none.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting and not has_template:
+        raise ConversationError("data.use_chat_template: the tokenizer has no chat template")
+    if setting is not None:
+        return setting, f"data.use_chat_template={str(setting).lower()}"
+    if record_format not in CONVERSATION_FORMATS:
+        return False, f"{record_format} records"
+    if not has_template:
+        return False, "the tokenizer has no chat template"
+    return True, f"{record_format} records, and the model has a chat template"
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """How a conversation becomes text; saved next to every exported model.
@@ -102,7 +125,9 @@ class PromptFormat:
 
     @classmethod
     def from_config(cls, cfg) -> PromptFormat:
-        return cls(template=cfg.template, use_chat_template=cfg.use_chat_template)
+        """From a ``DataConfig`` whose ``use_chat_template`` a run has resolved (``ray_ft.job``); unset reads as
+        the plain template."""
+        return cls(template=cfg.template, use_chat_template=bool(cfg.use_chat_template))
 
     def to_dict(self) -> dict[str, Any]:
         return {"template": self.template, "use_chat_template": self.use_chat_template}

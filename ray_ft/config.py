@@ -80,8 +80,10 @@ class DataConfig(StrictModel):
     """File format of every file; ``auto`` tells each file's from its name and first bytes."""
     template: str = "Human: {question} Assistant: {answer}"
     """Prompt template; must contain ``{question}`` and end with ``{answer}``."""
-    use_chat_template: bool = False
-    """Render with the tokenizer's chat template instead of ``template``."""
+    use_chat_template: bool | None = None
+    """Render with the tokenizer's chat template instead of ``template``. ``null`` (auto): the chat template for
+    conversation records (``chat``, ``sharegpt``, ``alpaca``) when the model's tokenizer has one; ``template`` for
+    Q/A and ``io`` records, and for a tokenizer without a chat template. A run logs and saves what it chose."""
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     """Conversations: take the loss on every assistant turn, or on the last one only (earlier ones are context)."""
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
@@ -94,7 +96,8 @@ class DataConfig(StrictModel):
     streaming: bool | None = None
     """Feed training through Ray Data: files are read, validated and split by Ray Data tasks, every example is
     tokenised once per epoch in a Ray Data actor pool and streamed to each worker's shard with prefetching; the
-    driver holds no records. Micro-batches are length-grouped within windows of 16. A resumed run continues at its
+    driver holds no records. Each epoch reads the files in a new seeded order; each worker mixes its rows in a local
+    shuffle buffer and length-groups micro-batches within windows of 16. A resumed run continues at its
     step with a fresh pass. ``null`` (auto): streamed when the data is remote or over 64 MiB on disk, in memory
     otherwise."""
 

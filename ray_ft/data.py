@@ -7,7 +7,8 @@ directories, remote URIs). Supported record shapes (``data.format: auto`` picks 
 - ``io``: ``{"input": str, "output": str, "context": str?}``
 - ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``: an optional system
   message, then user and assistant turns alternating, ending with an assistant turn
-- ``sharegpt``: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`` (same rules)
+- ``sharegpt``: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`` (``user`` and
+  ``assistant`` too; same rules)
 - ``alpaca``: ``{"instruction": str, "input": str?, "output": str}``
 - ``classification``: ``{"text": str, "label": str|int}`` (linear probe)
 
@@ -35,11 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ray_ft import sources as sources_module
 from ray_ft.chat import (
-    IGNORE_INDEX,
     SHAREGPT_ROLES,
     PromptFormat,
     check_turns,
@@ -171,7 +170,8 @@ def _check_messages(messages: Any, where: str) -> list[str]:
 
 
 def _check_conversations(turns: Any, where: str) -> list[str]:
-    """ShareGPT ``conversations``: ``from`` is ``system``, ``human`` or ``gpt``; ``value`` a non-empty string."""
+    """ShareGPT ``conversations``: ``from`` is ``system``, ``human`` (or ``user``) or ``gpt`` (or ``assistant``);
+    ``value`` a non-empty string."""
     if not isinstance(turns, list) or not turns:
         return [f"{where}: conversations: expected a non-empty list"]
     errors = []
@@ -641,44 +641,6 @@ def encode_generation(
     See :func:`ray_ft.chat.encode_conversation`.
     """
     return encode_conversation(to_messages(rec), tokenizer, fmt, max_length, train_on)
-
-
-def pack(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    """Concatenate a micro-batch into one row with no padding.
-
-    ``position_ids`` restart at 0 for every example; with no ``attention_mask``, transformers derives a
-    block-diagonal causal mask from them, so no token attends across an example boundary. Each example's first
-    label is a prompt token (ignored), so no loss is taken across a boundary either.
-    """
-    ids = [t for b in batch for t in b["input_ids"]]
-    labels = [t for b in batch for t in b["labels"]]
-    positions = [i for b in batch for i in range(len(b["input_ids"]))]
-    return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-    }
-
-
-def batch_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """``(tokens, examples)`` in a padded or packed micro-batch (padding not counted)."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum()), int(batch["input_ids"].shape[0])
-    return int(batch["input_ids"].numel()), int((batch["position_ids"] == 0).sum())
-
-
-def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence in the batch (dynamic padding)."""
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:

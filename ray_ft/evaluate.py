@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from ray_ft import logs
-from ray_ft.data import IGNORE_INDEX, PromptFormat, answer_of, collate, context_of, encode_generation, question_of
+from ray_ft.chat import IGNORE_INDEX
+from ray_ft.data import PromptFormat, answer_of, context_of, encode_generation, question_of
+from ray_ft.tensors import collate
 
 logger = logging.getLogger(__name__)
 

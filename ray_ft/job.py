@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_ft import tracking
+from ray_ft.chat import choose_chat_template
 from ray_ft.checkpoints import verify_checkpoints
 from ray_ft.config import ExperimentConfig, save_config
 from ray_ft.data import Dataset, DataSummary, PromptFormat, check_data, find_sources, read_data, split
@@ -107,6 +108,7 @@ class TrainingData:
         eval_train: Training records to evaluate on (the first ``eval.max_examples``).
         eval_val: Validation records to evaluate on.
         labels: Sorted label names (classification).
+        format: Record format (``qa``, ``chat``, ...).
     """
 
     train: list[dict] | DataSummary
@@ -114,6 +116,7 @@ class TrainingData:
     eval_train: list[dict]
     eval_val: list[dict]
     labels: list[str]
+    format: str = "qa"
 
 
 def load_training_data(
@@ -136,12 +139,12 @@ def load_training_data(
         _check_task(cfg, method, summary.format)
         n_train, n_val = summary.plan.n_train, summary.plan.n_val
         eval_train, eval_val = sample_records(summary, cfg.eval.max_examples)
-        data = TrainingData(summary, [], eval_train, eval_val, sorted(summary.labels))
+        data = TrainingData(summary, [], eval_train, eval_val, sorted(summary.labels), summary.format)
         fmt, stats, files = summary.format, summary.stats, len({s.uri for s in summary.sources})
     else:
         ds, train, val = load_dataset(cfg, method=method)
         n_train, n_val = len(train), len(val)
-        data = TrainingData(train, val, train, val, ds.labels)
+        data = TrainingData(train, val, train, val, ds.labels, ds.format)
         fmt, stats, files = ds.format, ds.stats, len({r.get("_source") for r in ds.records})
     logger.info(
         "[ray-ft] data %s%s: %s, %d examples (%d duplicates dropped, %d normalised); %strain %d, validation %d",
@@ -160,6 +163,19 @@ def load_training_data(
     if line:
         logger.info("%s", line)
     return cfg, data
+
+
+def resolve_prompt_format(cfg: ExperimentConfig, record_format: str, model_dir: str) -> ExperimentConfig:
+    """``cfg`` with ``data.use_chat_template`` decided (see :func:`ray_ft.chat.choose_chat_template`); logs the
+    choice. Every later step (training, export metadata, evaluation, serving) renders prompts as chosen here."""
+    if record_format == "classification":
+        return cfg
+    from ray_ft.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    chosen, why = choose_chat_template(cfg.data.use_chat_template, record_format, tokenizer)
+    logger.info("[ray-ft] prompts: %s (%s)", "the model's chat template" if chosen else "data.template", why)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"use_chat_template": chosen})})
 
 
 def artifact_metadata(
@@ -217,6 +233,8 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str
     method = get_method(cfg.method.name)  # resolved once; everything below receives the object
     check_output_dir(cfg.output_dir, resume)  # before anything else: a refused path costs nothing
     cfg, data = load_training_data(cfg, method=method)
+    model_dir = resolve_model_dir(cfg.model)
+    cfg = resolve_prompt_format(cfg, data.format, model_dir)
     out = Path(cfg.output_dir).resolve()
     if existing_checkpoints(cfg) and not resume:
         raise JobError(
@@ -227,7 +245,6 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, parent_run_id: str
         verify_checkpoints(existing_checkpoints(cfg))  # nothing is unpickled from a checkpoint ray-ft did not write
     prepare_output_dir(out, resume)
     save_config(cfg, out / "config.yaml")
-    model_dir = resolve_model_dir(cfg.model)
 
     run_file = out / "run.json"
     if resume and run_file.is_file():

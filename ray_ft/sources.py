@@ -309,6 +309,48 @@ def _row(obj: dict[str, Any], decode_json: bool) -> dict[str, Any]:
     return out
 
 
+def _utf8_problem(field: str, raw: bytes, e: UnicodeDecodeError) -> str:
+    return f"{field}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})"
+
+
+def _batch_rows(batch, csv: bool) -> list[tuple[dict[str, Any] | None, str | None]]:
+    """``(row, None)`` or ``(None, "field: problem")`` for every row of an Arrow batch.
+
+    CSV columns are read as bytes and decoded here, so text that is not valid UTF-8 is reported with its row and
+    column (Arrow's own conversion names neither). A string column of a Parquet or Arrow file holding invalid UTF-8
+    (Arrow does not check what other writers put there) is found the same way, value by value.
+    """
+    try:
+        rows = batch.to_pylist()
+    except UnicodeDecodeError:
+        rows = None
+    if rows is None:
+        out: list[tuple[dict[str, Any] | None, str | None]] = []
+        for i in range(batch.num_rows):
+            row, problem = {}, None
+            for name, column in zip(batch.schema.names, batch.columns, strict=True):
+                try:
+                    row[name] = column[i].as_py()
+                except UnicodeDecodeError as e:
+                    problem = _utf8_problem(name, e.object, e)
+                    break
+            out.append((None, problem) if problem else (row, None))
+        return out
+    if not csv:
+        return [(r, None) for r in rows]
+    decoded: list[tuple[dict[str, Any] | None, str | None]] = []
+    for r in rows:
+        text, problem = {}, None
+        for k, v in r.items():
+            try:
+                text[k] = v.decode("utf-8") if isinstance(v, bytes) else v
+            except UnicodeDecodeError as e:
+                problem = _utf8_problem(k, v, e)
+                break
+        decoded.append((None, problem) if problem else (text, None))
+    return decoded
+
+
 def iter_table_rows(source: Source, batch_rows: int = BATCH_ROWS) -> Iterator[list[tuple[int, Any, str | None]]]:
     """Batches of ``(row number from 1, value, problem or None)`` of a non-JSONL file.
 
@@ -322,10 +364,12 @@ def iter_table_rows(source: Source, batch_rows: int = BATCH_ROWS) -> Iterator[li
         if source.file_format == "json":
             yield from _json_rows(source, fs, path, batch_rows)
             return
+        csv = source.file_format == "csv"
         for start, batch in _arrow_batches(source, fs, path, batch_rows):
-            rows = batch.to_pylist()
-            csv = source.file_format == "csv"
-            yield [(start + i + 1, _row(r, csv), None) for i, r in enumerate(rows)]
+            out = []
+            for i, (row, problem) in enumerate(_batch_rows(batch, csv)):
+                out.append((start + i + 1, None if problem else _row(row, csv), problem))
+            yield out
     except (OSError, pa.ArrowException) as e:
         raise SourceError(f"{source.uri}: cannot read as {source.file_format}: {_first_line(e)}") from None
 
@@ -370,7 +414,7 @@ def _arrow_batches(source: Source, fs, path: str, batch_rows: int):
 
         with reader() as probe:
             names = probe.schema.names
-        with reader({n: pa.string() for n in names}) as r:
+        with reader({n: pa.binary() for n in names}) as r:  # decoded per value: see _batch_rows
             for batch in r:
                 yield start, batch
                 start += batch.num_rows

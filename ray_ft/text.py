@@ -214,7 +214,9 @@ def parse_json(text: str) -> tuple[Any, str | None]:
         return None, f"{key if key.isidentifier() else repr(key)}: duplicated key"
     except (ValueError, RecursionError) as e:  # over-long integers, NaN/Infinity, deep nesting the scan missed
         return None, f"invalid JSON: {str(e).split(':')[0] or type(e).__name__}"
-    problem = find_invalid_text(obj)
+    # Parsed strings can only hold a lone surrogate or NUL that the text holds, or that a \u escape spells: text
+    # with neither (nearly every line) needs no walk over the parsed value.
+    problem = find_invalid_text(obj) if "\\u" in text or invalid_char(text) else None
     if problem:
         return None, problem if isinstance(obj, dict | list) else f"<root>: {problem}"
     return obj, None

@@ -4,14 +4,14 @@ and the packing check."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ray_ft.config import ConfigError, DataConfig, ExperimentConfig
-from ray_ft.data import DataSummary, PromptFormat, collate, encode_generation, length_grouped_batches, pack
-from ray_ft.ingest import records_dataset
-from ray_ft.models import load_tokenizer
+from ray_ft.config import ConfigError, ExperimentConfig
+from ray_ft.data import DataSummary, length_grouped_batches
+from ray_ft.ingest import Encode, records_dataset
+from ray_ft.tensors import collate, pack
 
 
 def plan_steps(cfg: ExperimentConfig, n_train: int, world_size: int) -> tuple[int, int]:
@@ -100,24 +100,46 @@ class Batches:
 
 STREAM_WINDOW = 16
 """Micro-batches per length-grouping window of a streamed shard."""
+STREAM_BLOCK_BYTES = 256 << 10
+"""Largest block the streaming pipeline's tasks emit. Ray Data's default (128 MiB) lets a read or tokenise task hold
+its whole output (a file piece: tens of thousands of records) before passing any of it on; small blocks pass each
+thousand or so records on as soon as they are ready, so the first batch arrives in seconds."""
+SHUFFLE_BUFFER_ROWS = 4096
+"""Rows each worker's local shuffle buffer mixes (a streamed training shard arrives piece by piece, in file order
+within a piece)."""
 
 
 class StreamedBatches:
     """Micro-batches from this worker's Ray Data shard (``data.streaming``), read in order.
 
-    Ray Data shuffles and tokenises each epoch and gives every worker as many rows; each window of
+    Ray Data reads the files in a new random order and tokenises them each epoch, and gives every worker as many
+    rows; they pass through a seeded local shuffle buffer of ``SHUFFLE_BUFFER_ROWS`` rows, then each window of
     ``STREAM_WINDOW`` micro-batches is sorted by length, cut into micro-batches, and those are shuffled.
     ``per_epoch`` (micro-batches in one pass over the shard) lets a resumed run start where its epoch was: the first
     :meth:`get` at micro-step ``m`` passes over the ``m % per_epoch`` micro-batches of that epoch already trained
     on (a fresh shuffle, so other examples than before, but the epochs stay aligned with the steps).
+
+    :meth:`prefetch` starts the first epoch in the background (a fresh run, before the model loads), so that Ray
+    Data's start-up (its read tasks, the tokenising actor) overlaps the worker's own.
     """
 
     def __init__(self, shard, batch_size: int, rank: int, seed: int, pad_id: int, packed: bool, per_epoch: int = 0):
         self.shard, self.batch_size, self.rank, self.seed = shard, batch_size, rank, seed
         self.pad_id, self.packed, self.per_epoch = pad_id, packed, per_epoch
         self._stream = None
+        self._first: Future | None = None
+
+    def prefetch(self) -> None:
+        """Start micro-step 0's batch now, in a thread; the first :meth:`get` (which must be for step 0) takes it."""
+        self._stream = self._micro_batches(0)
+        self._first = ThreadPoolExecutor(1, thread_name_prefix="ray-ft-prefetch").submit(next, self._stream)
 
     def get(self, micro_step: int) -> dict[str, torch.Tensor]:
+        if self._first is not None:
+            if micro_step != 0:
+                raise RuntimeError(f"prefetched micro-step 0, asked for {micro_step}")
+            first, self._first = self._first, None
+            return first.result()  # the thread's exception, if any, is raised here
         if self._stream is None:
             epoch, done = divmod(micro_step, self.per_epoch) if self.per_epoch else (0, 0)
             self._stream = self._micro_batches(epoch)
@@ -132,7 +154,11 @@ class StreamedBatches:
             rng = random.Random(f"{self.seed}-{self.rank}-{epoch}")
             n = 0
             for window in self.shard.iter_batches(
-                batch_size=self.batch_size * STREAM_WINDOW, batch_format="numpy", prefetch_batches=2
+                batch_size=self.batch_size * STREAM_WINDOW,
+                batch_format="numpy",
+                prefetch_batches=2,
+                local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+                local_shuffle_seed=rng.randrange(2**32),
             ):
                 pairs = zip(window["input_ids"], window["labels"], strict=True)
                 rows = sorted(
@@ -146,28 +172,6 @@ class StreamedBatches:
             if not n:
                 raise RuntimeError(f"rank {self.rank}: the streamed training shard is empty")
             epoch += 1
-
-
-class Encode:
-    """Ray Data ``map_batches`` callable: JSON records -> ``input_ids`` / ``labels`` (one tokenizer per actor).
-
-    Each record is tokenised once per epoch here, for all workers, as the training loop would
-    (:func:`ray_ft.train.loop.train_fn_per_worker`).
-    """
-
-    def __init__(self, model_dir: str, trust_remote_code: bool, data: DataConfig):
-        self.cfg = data
-        self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
-        self.fmt = PromptFormat.from_config(self.cfg)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        import json
-
-        enc = [
-            encode_generation(json.loads(r), self.tokenizer, self.fmt, self.cfg.max_length, self.cfg.train_on)
-            for r in batch["record"]
-        ]
-        return {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
 
 
 def read_shard(shard) -> list[dict[str, list[int]]]:
@@ -185,7 +189,10 @@ def streaming_dataset(cfg: ExperimentConfig, records: list[dict] | DataSummary, 
     """The Ray Data pipeline behind ``data.streaming``: read, shuffle (training side), tokenise in a small actor pool.
 
     ``records`` is either the records themselves, or a checked data set (:class:`ray_ft.data.DataSummary`) whose
-    files Ray Data tasks read and split again on every pass, so no process holds the data set.
+    files Ray Data tasks read and split again on every pass, so no process holds the data set. A checked data set's
+    training side is read file by file in a seeded order that changes every epoch, never shuffled as a whole: the
+    first batch reaches the workers once the first piece is read, whatever the data's size (the workers then mix
+    rows in a local buffer, see :class:`StreamedBatches`). Records held in the driver are shuffled whole.
     """
     import json
 
@@ -200,24 +207,30 @@ def streaming_dataset(cfg: ExperimentConfig, records: list[dict] | DataSummary, 
         raise ConfigError(
             [f"data.streaming: {n} training examples for {cfg.scaling.num_workers} workers; need one each"]
         )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    if isinstance(records, DataSummary):
-        rows = records_dataset(records, side)
-    else:
-        rows = ray.data.from_items([{"record": json.dumps(r, ensure_ascii=False)} for r in records])
-    if side == "train":
-        rows = rows.random_shuffle(num_cpus=0.25)  # small shares: the pipeline fits beside the workers in one CPU
-    return rows.map_batches(
-        Encode,
-        fn_constructor_kwargs={
-            "model_dir": model_dir,
-            "trust_remote_code": cfg.model.trust_remote_code,
-            "data": cfg.data,
-        },
-        batch_size=64,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0.5,
-    )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    default_block = context.target_max_block_size
+    context.target_max_block_size = STREAM_BLOCK_BYTES  # the datasets made here keep it; others keep Ray's default
+    try:
+        if isinstance(records, DataSummary):
+            rows = records_dataset(records, side, shuffle_seed=cfg.data.seed if side == "train" else None)
+        else:
+            rows = ray.data.from_items([{"record": json.dumps(r, ensure_ascii=False)} for r in records])
+            if side == "train":
+                rows = rows.random_shuffle(num_cpus=0.25)  # small shares: fits beside the workers in one CPU
+        return rows.map_batches(
+            Encode,
+            fn_constructor_kwargs={
+                "model_dir": model_dir,
+                "trust_remote_code": cfg.model.trust_remote_code,
+                "data": cfg.data,
+            },
+            batch_size=64,
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0.5,
+        )
+    finally:
+        context.target_max_block_size = default_block
 
 
 def check_packing(model_dir: str, trust_remote_code: bool = False) -> None:

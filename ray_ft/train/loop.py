@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from ray_ft.config import ConfigError
-from ray_ft.data import PromptFormat, batch_counts, collate, encode_generation
+from ray_ft.data import PromptFormat, encode_generation
 from ray_ft.device import select_device
 from ray_ft.logs import configure, info_rank_zero
 from ray_ft.models import load_tokenizer
+from ray_ft.tensors import batch_counts, collate
 from ray_ft.tracking import StepLogger
 from ray_ft.train.batching import Batches, StreamedBatches, plan_steps, read_shard
 from ray_ft.train.checkpointing import load_deepspeed_checkpoint, report_step, save_deepspeed_checkpoint
@@ -59,6 +60,8 @@ class CausalLMRecipe:
         self._setup_device()
         torch.manual_seed(cfg.train.seed)
         train_enc = self._setup_data()
+        if cfg.data.streaming:
+            self._setup_streamed_batches()
         model = self._setup_model()
         n_train = len(train_enc) if self.inputs.n_train is None else self.inputs.n_train
         self.steps_per_epoch, self.total_steps = plan_steps(cfg, n_train, self.world)
@@ -153,24 +156,35 @@ class CausalLMRecipe:
             n = sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable)
             self.step_logger.log({"trainable_params": n}, step=self.start_step)
 
-    def _setup_batches(self, train_enc: list[dict]) -> None:
+    def _setup_streamed_batches(self) -> None:
+        """Batches from this worker's Ray Data shard (see ``build_trainer``); a fresh run starts reading now."""
         import ray.train
 
-        cfg, pad_id = self.cfg, self.tokenizer.pad_token_id
-        if cfg.data.streaming:  # batches come from this worker's Ray Data shard (see build_trainer)
-            per_epoch = math.ceil(self.inputs.n_train // self.world / cfg.train.batch_size)
-            self.batches = StreamedBatches(
-                ray.train.get_dataset_shard("train"),
+        cfg = self.cfg
+        per_epoch = math.ceil(self.inputs.n_train // self.world / cfg.train.batch_size)
+        self.batches = StreamedBatches(
+            ray.train.get_dataset_shard("train"),
+            cfg.train.batch_size,
+            self.rank,
+            cfg.train.seed,
+            self.tokenizer.pad_token_id,
+            cfg.train.packing,
+            per_epoch=per_epoch,
+        )
+        if ray.train.get_checkpoint() is None:  # a resumed run starts mid-epoch: it reads once it knows where
+            self.batches.prefetch()
+
+    def _setup_batches(self, train_enc: list[dict]) -> None:
+        cfg = self.cfg
+        if not cfg.data.streaming:
+            self.batches = Batches(
+                train_enc,
                 cfg.train.batch_size,
                 self.rank,
+                self.world,
                 cfg.train.seed,
-                pad_id,
+                self.tokenizer.pad_token_id,
                 cfg.train.packing,
-                per_epoch=per_epoch,
-            )
-        else:
-            self.batches = Batches(
-                train_enc, cfg.train.batch_size, self.rank, self.world, cfg.train.seed, pad_id, cfg.train.packing
             )
 
     # ----------------------------------------------------------------------- loop

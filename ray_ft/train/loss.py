@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ray_ft.data import IGNORE_INDEX
+from ray_ft.chat import IGNORE_INDEX
 from ray_ft.train.runtime import all_reduce
 
 

@@ -185,16 +185,22 @@ def run_search(cfg: ExperimentConfig, resume: bool = False) -> SearchSummary:
     """
     from ray import tune
 
-    from ray_ft.job import load_dataset
+    from ray_ft.job import load_dataset, resolve_prompt_format
     from ray_ft.models import resolve_model_dir
     from ray_ft.outputs import check_output_dir, prepare_output_dir
     from ray_ft.train import plan_steps, storage_path
+    from ray_ft.train.batching import fit_batch_to_data
 
     logs.configure()
     t0 = time.time()
     check_output_dir(cfg.output_dir, resume)
     ds, train, val = load_dataset(cfg)
     check_search(cfg, len(val))
+    model_dir = resolve_model_dir(cfg.model)
+    cfg = resolve_prompt_format(cfg, ds.format, model_dir)
+    cfg, line = fit_batch_to_data(cfg, len(train))  # every trial trains on the same batch
+    if line:
+        logger.info("%s", line)
     logger.info(
         "[ray-ft] data %s: %s, %s examples; train %s, validation %s",
         ds.path,
@@ -209,7 +215,6 @@ def run_search(cfg: ExperimentConfig, resume: bool = False) -> SearchSummary:
     resume = _check_resume(experiment_dir, resume)
     prepare_output_dir(out, resume)
     save_config(cfg, out / "config.yaml")
-    model_dir = resolve_model_dir(cfg.model)
     _, total_steps = plan_steps(cfg, len(train), cfg.scaling.num_workers)
 
     parent = _parent_run(cfg, out, resume)

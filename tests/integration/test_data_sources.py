@@ -59,6 +59,11 @@ def s3():
     bucket.put_object(Bucket="data", Key="qa/part-0.parquet", Body=sink.getvalue().to_pybytes())
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS[12:])
     bucket.put_object(Bucket="data", Key="qa/part-1.jsonl", Body=lines.encode())
+    bad_line = json.dumps({"question": "Câu hỏi?", "answer": 7}) + "\n"
+    bucket.put_object(Bucket="data", Key="bad/part-0.jsonl", Body=(lines.splitlines(True)[0] + bad_line).encode())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist([ROWS[0], {"question": "Câu hỏi?", "answer": None}]), sink)
+    bucket.put_object(Bucket="data", Key="bad/part-1.parquet", Body=sink.getvalue().to_pybytes())
     requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10)  # from now on, credentials count
     yield env
     server.stop()
@@ -77,6 +82,10 @@ def test_storage_problems_are_one_line(s3_env, monkeypatch, capsys):
     assert main(["data", "check", "s3://data/qa/*"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["files"], report["examples"]) == (2, len(ROWS))
+    assert main(["data", "check", "s3://data/bad/part-0.jsonl"]) == 2  # a bad record is named as locally
+    assert capsys.readouterr().err == "error: s3://data/bad/part-0.jsonl:2: answer: expected a string, got int\n"
+    assert main(["data", "check", "s3://data/bad/part-1.parquet"]) == 2
+    assert capsys.readouterr().err == "error: s3://data/bad/part-1.parquet: row 2: answer: missing\n"
     assert main(["data", "check", "s3://no-such-bucket/qa.jsonl"]) == 2
     assert capsys.readouterr().err == "error: s3://no-such-bucket/qa.jsonl: bucket 'no-such-bucket' not found\n"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
@@ -166,3 +175,28 @@ def test_a_streamed_run_resumes_at_its_step(ray_local, tiny_model_dir, qa_file, 
     client = MlflowClient(second.tracking_uri)
     seen = {m.step: m.value for m in client.get_metric_history(second.run_id, "samples_seen")}
     assert seen == {step: 2.0 * step for step in range(1, 6)}  # 6 examples, 2 workers x 1: 3 steps an epoch
+
+
+def test_streamed_training_records_come_piece_by_piece_in_a_new_order_each_pass(ray_local, tmp_path, monkeypatch):
+    """The training side of a large file is read piece by piece in a seeded order that changes every pass (no
+    shuffle of the whole set before the first record): every pass yields each training record exactly once."""
+    import ray_ft.sources
+    from ray_ft.data import check_data, record_key, summary_records
+    from ray_ft.ingest import records_dataset
+
+    rows = [{"question": f"câu hỏi {i}", "answer": f"trả lời {i}"} for i in range(400)]
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    monkeypatch.setattr(ray_ft.sources, "CHUNK_BYTES", 2000)
+    summary = check_data(path, val_fraction=0.1, seed=5)
+    assert len(summary.sources) >= 8
+    want = sorted(
+        record_key(r) for i in range(len(summary.sources)) for side, r in summary_records(summary, i) if side == "train"
+    )
+    dataset = records_dataset(summary, "train", shuffle_seed=5)
+    assert "RandomShuffle" not in str(dataset)  # nothing waits for the whole data set
+    passes = []
+    for _ in range(3):
+        got = [record_key(json.loads(r["record"])) for r in dataset.iter_rows()]
+        assert sorted(got) == want and len(got) == summary.plan.n_train
+        passes.append(got)
+    assert len({tuple(p) for p in passes}) > 1, "every pass read the pieces in the same order"

@@ -487,11 +487,16 @@ def test_soak_2000_mixed_valid_invalid_and_slow_requests(url, ray_local):
     pids = list(replica_pids(state_api, APP).values())
     warm = replica_memory_mb(pids)
     # Bounded: a server that stalls under the mix fails here (TimeoutError) instead of hanging the run.
+    began = time.monotonic()
     statuses = asyncio.run(asyncio.wait_for(soak(2000, 32), timeout=SOAK_LIMIT_S))
+    after = replica_memory_mb(pids)
+    counts = {code: statuses.count(code) for code in sorted(set(statuses))}
+    print(f"soak: {len(statuses)} requests in {time.monotonic() - began:.0f} s, statuses {counts}; "
+          f"replica memory {warm:.0f} MB after warm-up, {after:.0f} MB after the soak")  # fmt: skip
     assert len(statuses) == 2000
-    assert not [s for s in statuses if s >= 500 or s == 0], sorted(set(statuses))
+    assert not [s for s in statuses if s >= 500 or s == 0], counts
     assert statuses.count(408) >= 50, "slow clients were not cut off"
-    assert replica_memory_mb(pids) <= 1.2 * warm, (warm, replica_memory_mb(pids))
+    assert after <= 1.2 * warm, (warm, after)
     question = {"role": "user", "content": QUESTIONS[0]}
     ok = post(url, "/v1/chat/completions", {"model": "sky-blue", "messages": [question], "max_tokens": 8})
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ray_ft.chat import IGNORE_INDEX, ConversationError, PromptFormat, encode_conversation, to_messages
+from ray_ft.chat import (
+    IGNORE_INDEX,
+    ConversationError,
+    PromptFormat,
+    choose_chat_template,
+    encode_conversation,
+    to_messages,
+)
 from ray_ft.data import DataError, encode_generation, read_data
 
 CHATML = (
@@ -149,6 +156,10 @@ def test_sharegpt_and_alpaca_map_onto_conversations(tmp_path, tok):
     ds = read_data(write_jsonl(tmp_path / "s.jsonl", [share]))
     assert ds.format == "sharegpt"
     assert to_messages(ds.records[0]) == _conversation(1, True, answered=True)
+    renamed = {"human": "user", "gpt": "assistant"}  # the from values many ShareGPT exports write
+    share["conversations"] = [{**t, "from": renamed.get(t["from"], t["from"])} for t in share["conversations"]]
+    ds = read_data(write_jsonl(tmp_path / "s2.jsonl", [share]))
+    assert ds.format == "sharegpt" and to_messages(ds.records[0]) == _conversation(1, True, answered=True)
     ds = read_data(write_jsonl(tmp_path / "a.jsonl", [alpaca, {"instruction": "Chào", "output": "hi"}]))
     assert ds.format == "alpaca"
     assert to_messages(ds.records[0])[0] == {"role": "user", "content": "Dịch sang tiếng Anh\n\nxin chào"}
@@ -215,3 +226,22 @@ def test_a_tokenizer_that_adds_bos_gets_it_in_the_text_once(tiny_model_dir):
     ids = tok(rendered, add_special_tokens=False)["input_ids"]
     enc = encode_conversation(_conversation(2, True, answered=True), tok, fmt, 1024)
     assert enc["input_ids"][: len(ids)] == ids and ids.count(tok.bos_token_id) == 1
+
+
+def test_conversations_use_the_models_chat_template_when_it_has_one(tok, chatml_tok):
+    """``data.use_chat_template`` unset: chat, ShareGPT and Alpaca records take the tokenizer's template when there
+    is one; Q/A and io records keep the plain template; an explicit setting wins, and asking for a template the
+    tokenizer lacks is refused."""
+    assert not getattr(tok, "chat_template", None)
+    for shape in ("chat", "sharegpt", "alpaca"):
+        assert choose_chat_template(None, shape, chatml_tok) == (
+            True,
+            f"{shape} records, and the model has a chat template",
+        )
+        assert choose_chat_template(None, shape, tok) == (False, "the tokenizer has no chat template")
+    for shape in ("qa", "io"):
+        assert choose_chat_template(None, shape, chatml_tok) == (False, f"{shape} records")
+    assert choose_chat_template(False, "chat", chatml_tok) == (False, "data.use_chat_template=false")
+    assert choose_chat_template(True, "qa", chatml_tok) == (True, "data.use_chat_template=true")
+    with pytest.raises(ConversationError, match="the tokenizer has no chat template"):
+        choose_chat_template(True, "chat", tok)

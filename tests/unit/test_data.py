@@ -3,16 +3,9 @@ import json
 import pytest
 from conftest import QA_ROWS, write_jsonl
 
-from ray_ft.data import (
-    IGNORE_INDEX,
-    DataError,
-    PromptFormat,
-    collate,
-    encode_generation,
-    length_grouped_batches,
-    read_jsonl,
-    split,
-)
+from ray_ft.chat import IGNORE_INDEX
+from ray_ft.data import DataError, PromptFormat, encode_generation, length_grouped_batches, read_jsonl, split
+from ray_ft.tensors import collate
 
 
 def _errors(path) -> list[str]:

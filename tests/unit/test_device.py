@@ -295,8 +295,8 @@ def test_attention_option_reaches_the_model(tiny_model_dir):
 def test_fused_loss_inputs_give_the_models_own_loss(tiny_model_dir):
     """The fused loss sees the right hidden states, targets and projection: torch's cross-entropy over them (in
     place of Liger's kernel, which needs CUDA) equals the model's own loss, through a LoRA-wrapped model."""
-    from ray_ft.data import collate
     from ray_ft.methods import get_method
+    from ray_ft.tensors import collate
     from ray_ft.train.loss import causal_lm_loss, labelled_hidden_states
 
     cfg = _cfg(tiny_model_dir, "method.r=4")
@@ -336,8 +336,8 @@ def test_generator_and_training_dtype_on_a_real_gpu(tiny_model_dir):
     reason="needs a CUDA GPU and liger-kernel",
 )
 def test_liger_fused_loss_equals_the_models_loss_on_a_real_gpu(tiny_model_dir):
-    from ray_ft.data import collate
     from ray_ft.methods import get_method
+    from ray_ft.tensors import collate
     from ray_ft.train.loss import causal_lm_loss
 
     cfg = _cfg(tiny_model_dir, "method.r=4")

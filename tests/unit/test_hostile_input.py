@@ -58,6 +58,39 @@ def test_data_check_refuses_a_lone_surrogate_with_file_line_field(tmp_path, caps
     assert err == f"error: {path}:2: question: lone surrogate U+D83D at character 1\n"
 
 
+def _table_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Table files with text that is not valid (each row 2), and the line ``ray-ft data check`` must print."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = b"bad \xed\xa0\x80 text"  # a UTF-16 surrogate encoded as UTF-8 (CESU-8): not valid UTF-8
+    files: dict[str, tuple[Path, str]] = {}
+    csv = tmp_path / "bytes.csv"
+    csv.write_bytes(b'question,answer\nq1,a1\nq2,"' + bad + b'"\n')
+    files["csv-bytes"] = (csv, f"{csv}: row 2: answer: not valid UTF-8 (byte 0xed at byte 5)")
+    chat = tmp_path / "escape.csv"
+    turns = '[{""role"": ""user"", ""content"": ""hi""}, {""role"": ""assistant"", ""content"": ""x\\udfff""}]'
+    good = turns.replace("x\\udfff", "fine")
+    chat.write_text(f'messages\n"{good}"\n"{turns}"\n', encoding="utf-8")
+    files["csv-json-escape"] = (chat, f"{chat}: row 2: messages[1].content: lone surrogate U+DFFF at character 1")
+    nul = tmp_path / "nul.csv"
+    nul.write_bytes(b'question,answer\nq1,a1\nq2,"a\x00b"\n')
+    files["csv-nul"] = (nul, f"{nul}: row 2: answer: NUL character at character 1")
+    parquet = tmp_path / "strings.parquet"
+    column = pa.array([b"q1", bad], pa.binary()).view(pa.string())  # Arrow does not check other writers' UTF-8
+    pq.write_table(pa.table({"question": column, "answer": ["a1", "a2"]}), parquet)
+    files["parquet-string"] = (parquet, f"{parquet}: row 2: question: not valid UTF-8 (byte 0xed at byte 5)")
+    return files
+
+
+@pytest.mark.parametrize("case", ["csv-bytes", "csv-json-escape", "csv-nul", "parquet-string"])
+def test_bad_text_in_csv_and_parquet_is_one_line_with_file_row_field(tmp_path, capsys, case):
+    """What JSON Lines refuses with its line and field, table files refuse with their row and field."""
+    path, expected = _table_files(tmp_path)[case]
+    assert main(["data", "check", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+
+
 def test_100k_deep_jsonl_exits_2_without_traceback(tmp_path, capsys):
     path = tmp_path / "deep.jsonl"
     path.write_text("[" * 100_000 + "\n", encoding="utf-8")
@@ -245,14 +278,24 @@ def _numeric(annotation) -> bool:
     return any(_numeric(a) for a in args)
 
 
-def _has_lower_bound(metadata) -> bool:
+def _only_floats(annotation) -> bool:
+    args = typing.get_args(annotation)
+    if annotation is int:
+        return False
+    return all(_only_floats(a) for a in args)
+
+
+def _has_bounds(metadata, base) -> bool:
+    """A lower bound, and for integers an upper one too (floats are finite: ``allow_inf_nan`` is off)."""
     flat = [c for m in metadata for c in (getattr(m, "metadata", None) or [m])]  # FieldInfo holds Ge/Gt objects
-    return any(getattr(c, "ge", None) is not None or getattr(c, "gt", None) is not None for c in flat)
+    lower = any(getattr(c, "ge", None) is not None or getattr(c, "gt", None) is not None for c in flat)
+    upper = any(getattr(c, "le", None) is not None or getattr(c, "lt", None) is not None for c in flat)
+    return lower and (upper or base is float)
 
 
 def _bounded(field) -> bool:
     """A field whose numbers all carry bounds (on the field or on every numeric type inside it)."""
-    if _has_lower_bound(field.metadata):
+    if _has_bounds(field.metadata, float if _only_floats(field.annotation) else int):
         return True
     stack = [field.annotation]
     while stack:
@@ -262,7 +305,7 @@ def _bounded(field) -> bool:
         if typing.get_origin(ann) is typing.Annotated:
             base, *meta = typing.get_args(ann)
             if base in (int, float):
-                if not _has_lower_bound(meta):
+                if not _has_bounds(meta, base):
                     return False
                 continue
             stack.append(base)

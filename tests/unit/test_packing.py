@@ -4,9 +4,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ray_ft.chat import IGNORE_INDEX
 from ray_ft.config import ConfigError, load_config
-from ray_ft.data import IGNORE_INDEX, PromptFormat, batch_counts, collate, encode_generation, pack
+from ray_ft.data import PromptFormat, encode_generation
 from ray_ft.models import load_tokenizer
+from ray_ft.tensors import batch_counts, collate, pack
 from ray_ft.train.batching import check_packing
 from ray_ft.train.loss import answer_only_logits, causal_lm_loss
 from tests.conftest import QA_ROWS
