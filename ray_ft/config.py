@@ -98,7 +98,7 @@ class DataConfig(StrictModel):
     tokenised once per epoch in a Ray Data actor pool and streamed to each worker's shard with prefetching; the
     driver holds no records. Each epoch reads the files in a new seeded order; each worker mixes its rows in a local
     shuffle buffer and length-groups micro-batches within windows of 16. A resumed run continues at its
-    step with a fresh pass. ``null`` (auto): streamed when the data is remote or over 64 MiB on disk, in memory
+    step with a fresh pass. ``null`` (auto): streamed when the data is remote or over 16 MiB on disk, in memory
     otherwise."""
 
     @field_validator("template")

@@ -525,7 +525,7 @@ class DataSummary:
     seed: int = 42
 
 
-def _scan_here(sources: list[Source], fmt: str, seed: int) -> list[SourceScan]:
+def scan_here(sources: list[Source], fmt: str, seed: int) -> list[SourceScan]:
     """:func:`scan_source` over every file or piece: in a pool of processes, one per CPU, when the data is larger
     than one piece, else in this process."""
     work = [(s, i, fmt, seed) for i, s in enumerate(sources)]
@@ -564,7 +564,7 @@ def check_data(
         DataError: as :func:`read_data`.
     """
     sources = [piece for s in find_sources(path, file_format) for piece in split_source(s)]
-    scans = (scan or _scan_here)(sources, fmt, seed)
+    scans = (scan or scan_here)(sources, fmt, seed)
     problems = RowChecker(fmt)
     for sc in scans:
         problems.add(sc.errors)

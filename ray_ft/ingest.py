@@ -17,7 +17,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from ray_ft.config import DataConfig
-from ray_ft.data import DataSummary, PromptFormat, SourceScan, encode_generation, scan_source, summary_records
+from ray_ft.data import (
+    DataSummary,
+    PromptFormat,
+    SourceScan,
+    encode_generation,
+    scan_here,
+    scan_source,
+    summary_records,
+)
 from ray_ft.sources import Source
 
 RECORDS_PER_BLOCK = 1024
@@ -41,9 +49,16 @@ def storage_runtime_env() -> dict[str, Any] | None:
 
 
 def scan_with_ray(sources: list[Source], fmt: str, seed: int) -> list[SourceScan]:
-    """:func:`ray_ft.data.scan_source` for every file, as parallel Ray tasks; results in file order."""
+    """:func:`ray_ft.data.scan_source` for every file or piece; results in file order.
+
+    On a Ray cluster of more than one node, or for data on a remote store, they run as Ray tasks across the
+    cluster. Local files on a one-node Ray are scanned by processes forked from this one, as ``ray-ft data check``
+    does: the same work without starting a Ray worker per task (about 10 s less for 1M rows on 2 CPUs).
+    """
     import ray
 
+    if not any(s.remote for s in sources) and sum(1 for n in ray.nodes() if n.get("Alive")) <= 1:
+        return scan_here(sources, fmt, seed)
     task = ray.remote(num_cpus=SCAN_CPUS, runtime_env=storage_runtime_env())(scan_source)
     return ray.get([task.remote(s, i, fmt, seed) for i, s in enumerate(sources)])
 

@@ -53,7 +53,7 @@ class JobSummary:
     """Seconds in the training driver (``fit``), without export and evaluation."""
 
 
-STREAM_ABOVE_BYTES = 64 << 20
+STREAM_ABOVE_BYTES = 16 << 20
 """With ``data.streaming`` unset, local data larger than this on disk is streamed through Ray Data."""
 
 
@@ -82,7 +82,8 @@ def choose_streaming(cfg: ExperimentConfig, method: TuningMethod, sources: list[
     ``data.streaming`` decides when set. Unset: methods that do not train the causal-LM loop (linear probe) read in
     memory;
     otherwise data on a remote store, or over :data:`STREAM_ABOVE_BYTES` on disk, is streamed, and smaller local
-    data is read in memory (faster to start: no Ray Data pipeline, and each worker tokenises it in seconds).
+    data is read in memory (faster to start: no Ray Data pipeline, and each worker tokenises it in seconds; at 30 MB
+    the workers' tokenising already cost more than streaming, see ``docs/data.md``).
     """
     if cfg.data.streaming is not None:
         return cfg.data.streaming, f"data.streaming={str(cfg.data.streaming).lower()}"

@@ -104,7 +104,7 @@ STREAM_BLOCK_BYTES = 256 << 10
 """Largest block the streaming pipeline's tasks emit. Ray Data's default (128 MiB) lets a read or tokenise task hold
 its whole output (a file piece: tens of thousands of records) before passing any of it on; small blocks pass each
 thousand or so records on as soon as they are ready, so the first batch arrives in seconds."""
-SHUFFLE_BUFFER_ROWS = 4096
+SHUFFLE_BUFFER_ROWS = 1024
 """Rows each worker's local shuffle buffer mixes (a streamed training shard arrives piece by piece, in file order
 within a piece)."""
 
