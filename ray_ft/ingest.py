@@ -1,7 +1,7 @@
 """Ray Data ingest for data that outgrows one machine: files checked by Ray tasks, records read by Ray Data.
 
-The driver never holds the data set. :func:`scan_with_ray` runs :func:`ray_ft.data.scan_source` over every file
-as parallel Ray tasks (each returns 24 bytes a row: its split hashes and row numbers), and
+The driver never holds the data set. :func:`scan_sources` runs :func:`ray_ft.data.scan_source` over every file
+in parallel, as Ray tasks across a cluster (each returns 24 bytes a row: its split hashes and row numbers), and
 :func:`ray_ft.data.check_data` turns those into the split plan. :func:`records_dataset` is then a Ray Data
 dataset whose read tasks open the files again (in a random order each pass, for training), validate and clean
 each row as the check did, and keep one side of the split; ``ray_ft.train.streaming_dataset`` tokenises it and Ray
@@ -48,7 +48,7 @@ def storage_runtime_env() -> dict[str, Any] | None:
     return {"env_vars": env} if env else None
 
 
-def scan_with_ray(sources: list[Source], fmt: str, seed: int) -> list[SourceScan]:
+def scan_sources(sources: list[Source], fmt: str, seed: int) -> list[SourceScan]:
     """:func:`ray_ft.data.scan_source` for every file or piece; results in file order.
 
     On a Ray cluster of more than one node, or for data on a remote store, they run as Ray tasks across the

@@ -25,7 +25,7 @@ from ray_ft.checkpoints import verify_checkpoints
 from ray_ft.config import ExperimentConfig, save_config
 from ray_ft.data import Dataset, DataSummary, PromptFormat, check_data, find_sources, read_data, split
 from ray_ft.export import write_artifact
-from ray_ft.ingest import sample_records, scan_with_ray
+from ray_ft.ingest import sample_records, scan_sources
 from ray_ft.methods import TuningMethod, get_method
 from ray_ft.models import resolve_model_dir
 from ray_ft.outputs import check_output_dir, prepare_output_dir, replacing, write_file
@@ -136,7 +136,7 @@ def load_training_data(
         init_ray(cfg)
         d = cfg.data
         limits = {"seed": d.seed, "val_fraction": d.val_fraction, "limit": d.limit}
-        summary = check_data(d.path, d.format, d.dedupe, d.file_format, **limits, scan=scan_with_ray)
+        summary = check_data(d.path, d.format, d.dedupe, d.file_format, **limits, scan=scan_sources)
         _check_task(cfg, method, summary.format)
         n_train, n_val = summary.plan.n_train, summary.plan.n_val
         eval_train, eval_val = sample_records(summary, cfg.eval.max_examples)
