@@ -117,7 +117,7 @@ class TrainingData:
     eval_train: list[dict]
     eval_val: list[dict]
     labels: list[str]
-    format: str = "qa"
+    format: str
 
 
 def load_training_data(

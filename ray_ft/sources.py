@@ -296,59 +296,32 @@ def open_binary(source: Source) -> Iterator[tuple[io.BufferedReader, int]]:
         yield f, 1
 
 
-def _row(obj: dict[str, Any], decode_json: bool) -> dict[str, Any]:
-    """A table row as a record: missing values (nulls) dropped, JSON text in list fields decoded (CSV)."""
+def _row(obj: dict[str, Any], csv: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """A table row as ``(record, None)``, or ``(None, "field: problem")``.
+
+    Missing values (nulls) are dropped. CSV cells are read as bytes (Arrow's own conversion names neither row nor
+    column of text that is not valid UTF-8) and decoded here; JSON text in their list fields is decoded. Values
+    still in Arrow form (a batch Arrow could not convert: a string column holding invalid UTF-8 that another
+    writer put there, which Arrow does not check) are converted here, one by one.
+    """
+    import pyarrow as pa
+
     out = {}
     for k, v in obj.items():
+        try:
+            if isinstance(v, pa.Scalar):
+                v = v.as_py()
+            if csv and isinstance(v, bytes):
+                v = v.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"{k}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1})"
         if v is None or k.startswith("__index_level_"):
             continue
-        if decode_json and k in JSON_FIELDS and isinstance(v, str):
+        if csv and k in JSON_FIELDS and isinstance(v, str):
             with contextlib.suppress(ValueError):
                 v = json.loads(v)
         out[k] = v
-    return out
-
-
-def _utf8_problem(field: str, raw: bytes, e: UnicodeDecodeError) -> str:
-    return f"{field}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})"
-
-
-def _batch_rows(batch, csv: bool) -> list[tuple[dict[str, Any] | None, str | None]]:
-    """``(row, None)`` or ``(None, "field: problem")`` for every row of an Arrow batch.
-
-    CSV columns are read as bytes and decoded here, so text that is not valid UTF-8 is reported with its row and
-    column (Arrow's own conversion names neither). A string column of a Parquet or Arrow file holding invalid UTF-8
-    (Arrow does not check what other writers put there) is found the same way, value by value.
-    """
-    try:
-        rows = batch.to_pylist()
-    except UnicodeDecodeError:
-        rows = None
-    if rows is None:
-        out: list[tuple[dict[str, Any] | None, str | None]] = []
-        for i in range(batch.num_rows):
-            row, problem = {}, None
-            for name, column in zip(batch.schema.names, batch.columns, strict=True):
-                try:
-                    row[name] = column[i].as_py()
-                except UnicodeDecodeError as e:
-                    problem = _utf8_problem(name, e.object, e)
-                    break
-            out.append((None, problem) if problem else (row, None))
-        return out
-    if not csv:
-        return [(r, None) for r in rows]
-    decoded: list[tuple[dict[str, Any] | None, str | None]] = []
-    for r in rows:
-        text, problem = {}, None
-        for k, v in r.items():
-            try:
-                text[k] = v.decode("utf-8") if isinstance(v, bytes) else v
-            except UnicodeDecodeError as e:
-                problem = _utf8_problem(k, v, e)
-                break
-        decoded.append((None, problem) if problem else (text, None))
-    return decoded
+    return out, None
 
 
 def iter_table_rows(source: Source, batch_rows: int = BATCH_ROWS) -> Iterator[list[tuple[int, Any, str | None]]]:
@@ -366,10 +339,11 @@ def iter_table_rows(source: Source, batch_rows: int = BATCH_ROWS) -> Iterator[li
             return
         csv = source.file_format == "csv"
         for start, batch in _arrow_batches(source, fs, path, batch_rows):
-            out = []
-            for i, (row, problem) in enumerate(_batch_rows(batch, csv)):
-                out.append((start + i + 1, None if problem else _row(row, csv), problem))
-            yield out
+            try:
+                rows = batch.to_pylist()
+            except UnicodeDecodeError:  # invalid UTF-8 in a string column: _row finds its row and field
+                rows = [dict(zip(batch.schema.names, row, strict=True)) for row in zip(*batch.columns, strict=True)]
+            yield [(start + i + 1, *_row(r, csv)) for i, r in enumerate(rows)]
     except (OSError, pa.ArrowException) as e:
         raise SourceError(f"{source.uri}: cannot read as {source.file_format}: {_first_line(e)}") from None
 
@@ -414,7 +388,7 @@ def _arrow_batches(source: Source, fs, path: str, batch_rows: int):
 
         with reader() as probe:
             names = probe.schema.names
-        with reader({n: pa.binary() for n in names}) as r:  # decoded per value: see _batch_rows
+        with reader({n: pa.binary() for n in names}) as r:  # decoded per value: see _row
             for batch in r:
                 yield start, batch
                 start += batch.num_rows

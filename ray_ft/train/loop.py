@@ -60,15 +60,13 @@ class CausalLMRecipe:
         self._setup_device()
         torch.manual_seed(cfg.train.seed)
         train_enc = self._setup_data()
-        if cfg.data.streaming:
-            self._setup_streamed_batches()
+        self._setup_batches(train_enc)  # before the model loads: a streamed run starts reading meanwhile
         model = self._setup_model()
         n_train = len(train_enc) if self.inputs.n_train is None else self.inputs.n_train
         self.steps_per_epoch, self.total_steps = plan_steps(cfg, n_train, self.world)
         self._setup_optimizer(model)
         self._setup_resume()
         self._setup_logger()
-        self._setup_batches(train_enc)
         self.eval_every = cfg.train.eval_every or self.steps_per_epoch
         self.answer_only = answer_only_logits(self.engine.module)
 
@@ -156,36 +154,29 @@ class CausalLMRecipe:
             n = sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable)
             self.step_logger.log({"trainable_params": n}, step=self.start_step)
 
-    def _setup_streamed_batches(self) -> None:
-        """Batches from this worker's Ray Data shard (see ``build_trainer``); a fresh run starts reading now."""
+    def _setup_batches(self, train_enc: list[dict]) -> None:
+        """This worker's micro-batches: from its Ray Data shard (``data.streaming``, see ``build_trainer``), which a
+        fresh run starts reading now, or from the examples it tokenised."""
         import ray.train
 
-        cfg = self.cfg
+        cfg, pad_id = self.cfg, self.tokenizer.pad_token_id
+        if not cfg.data.streaming:
+            self.batches = Batches(
+                train_enc, cfg.train.batch_size, self.rank, self.world, cfg.train.seed, pad_id, cfg.train.packing
+            )
+            return
         per_epoch = math.ceil(self.inputs.n_train // self.world / cfg.train.batch_size)
         self.batches = StreamedBatches(
             ray.train.get_dataset_shard("train"),
             cfg.train.batch_size,
             self.rank,
             cfg.train.seed,
-            self.tokenizer.pad_token_id,
+            pad_id,
             cfg.train.packing,
             per_epoch=per_epoch,
         )
         if ray.train.get_checkpoint() is None:  # a resumed run starts mid-epoch: it reads once it knows where
             self.batches.prefetch()
-
-    def _setup_batches(self, train_enc: list[dict]) -> None:
-        cfg = self.cfg
-        if not cfg.data.streaming:
-            self.batches = Batches(
-                train_enc,
-                cfg.train.batch_size,
-                self.rank,
-                self.world,
-                cfg.train.seed,
-                self.tokenizer.pad_token_id,
-                cfg.train.packing,
-            )
 
     # ----------------------------------------------------------------------- loop
 
